@@ -1,0 +1,5 @@
+"""`python -m attnkit ...` (also `accelerate launch -m attnkit ...`) runs the CLI."""
+
+from attnkit.cli import main
+
+main()

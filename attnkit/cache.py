@@ -1,0 +1,102 @@
+"""transformers Cache layers that carry attnkit state, and the cache a patched model generates with.
+
+``make_cache(model)`` builds a :class:`AttnkitCache` (a ``DynamicCache``) whose layers come from each layer's
+decode method (plain ``DynamicLayer`` where there is none). Pass it to ``generate``::
+
+    out = model.generate(**inputs, past_key_values=attnkit.make_cache(model))
+
+(attnkit's lm-eval model does this for you.)
+
+Layers here keep transformers' conventions: keys/values ``[B, Hkv, S, D]`` post-RoPE, and ``get_seq_length`` is the
+number of tokens *seen*, so positions keep counting after eviction. ``get_mask_sizes`` reports every seen token
+(offset 0): the model-level padding mask then covers all of them, and the layer's decode module maps it onto the
+keys that were kept (:meth:`attnkit.method.DecodeLayer.key_padding`).
+"""
+
+from __future__ import annotations
+
+import torch
+from transformers import PreTrainedModel
+from transformers.cache_utils import DynamicCache, DynamicLayer
+
+
+class SinkWindowLayer(DynamicLayer):
+    """StreamingLLM's cache: the first ``sink`` tokens plus the most recent tokens, ``sink + window`` in all.
+
+    After every update it stores at most ``sink + window - 1`` tokens, so a decode step attends to exactly
+    ``sink + window`` keys (itself included) and memory stays bounded however long generation runs. A prefill
+    chunk sees all of its own keys (the prefill method decides which blocks it computes); only what is *stored*
+    is trimmed.
+
+    Keys keep their original rotary positions (no re-rotation), so relative distances are the true ones.
+    """
+
+    is_sliding = False  # masks are built for all seen tokens; see the module docstring
+
+    def __init__(self, sink: int, window: int):
+        super().__init__()
+        if sink < 0 or window <= 0:
+            raise ValueError(f"sink must be ≥ 0 and window > 0, got sink={sink}, window={window}")
+        self.sink = sink
+        self.window = window
+        self.cumulative_length = 0
+
+    def update(self, key_states: torch.Tensor, value_states: torch.Tensor, *args, **kwargs):
+        if not self.is_initialized:
+            self.lazy_initialization(key_states, value_states)
+        self.cumulative_length += key_states.shape[-2]
+        keys = torch.cat([self.keys, key_states], dim=-2)
+        values = torch.cat([self.values, value_states], dim=-2)
+        keep_recent = self.window - 1
+        if keys.shape[-2] > self.sink + keep_recent:
+            self.keys = torch.cat([keys[..., : self.sink, :], keys[..., keys.shape[-2] - keep_recent :, :]], dim=-2)
+            self.values = torch.cat(
+                [values[..., : self.sink, :], values[..., values.shape[-2] - keep_recent :, :]], dim=-2
+            )
+        else:
+            self.keys, self.values = keys, values
+        return keys, values
+
+    def get_seq_length(self) -> int:
+        return self.cumulative_length
+
+    def get_mask_sizes(self, query_length: int) -> tuple[int, int]:
+        return self.cumulative_length + query_length, 0
+
+    def get_max_length(self) -> int:
+        return self.sink + self.window
+
+    def stored_tokens(self) -> int:
+        """Tokens held right now (≤ ``sink + window - 1``)."""
+        return 0 if self.keys is None else self.keys.shape[-2]
+
+    def reset(self) -> None:
+        super().reset()
+        self.cumulative_length = 0
+
+    def crop(self, tokens_to_remove: int) -> None:
+        raise NotImplementedError("a sink+window cache has evicted tokens and cannot be cropped")
+
+
+class AttnkitCache(DynamicCache):
+    """A ``DynamicCache`` whose per-layer cache layers are chosen by the patched model's decode methods."""
+
+    def __init__(self, layers: list):
+        super().__init__()
+        self.layers = layers
+        self.layer_class_to_replicate = None
+
+
+def make_cache(model: PreTrainedModel) -> AttnkitCache | None:
+    """The cache to generate with, or ``None`` when no layer of ``model`` has a decode method."""
+    from attnkit.attention import attention_modules
+
+    layers, any_decode = [], False
+    for idx, attention in enumerate(attention_modules(model)):
+        patch = getattr(attention, "attnkit", None)
+        if patch is not None and patch.decode is not None:
+            layers.append(patch.decode.method.make_cache_layer(idx))
+            any_decode = True
+        else:
+            layers.append(DynamicLayer())
+    return AttnkitCache(layers) if any_decode else None

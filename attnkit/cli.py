@@ -1,0 +1,209 @@
+"""The ``attnkit`` command: convert, eval, recipes, inspect, models."""
+
+from __future__ import annotations
+
+import json
+import sys
+from pathlib import Path
+
+import typer
+from rich.console import Console
+from rich.table import Table
+
+app = typer.Typer(add_completion=False, no_args_is_help=True, help="Post-training attention toolkit for HF causal LMs.")
+console = Console()
+err_console = Console(stderr=True)
+
+
+def _int_list(text: str | None) -> list[int] | None:
+    """`2048,4k,8K` → [2048, 4096, 8192]."""
+    if not text:
+        return None
+    out = []
+    for part in text.split(","):
+        part = part.strip().lower()
+        try:
+            out.append(int(part[:-1]) * 1024 if part.endswith("k") else int(part))
+        except ValueError:
+            raise typer.BadParameter(f"{part!r} is not a length (use e.g. 2048 or 2k)") from None
+    return out
+
+
+def _fail(err: Exception) -> None:
+    err_console.print(f"[bold red]error:[/] {err}")
+    raise typer.Exit(2)
+
+
+def print_report(report) -> None:
+    """The dense-vs-patched table: method, mean density over layers, task scores."""
+    density = "n/a" if report.mean_density is None else f"{report.mean_density:.3f}"
+    table = Table(title=f"attnkit {report.recipe} on {report.model}")
+    for col in ("method", "mean density", "task", "length", "dense", "patched", "patched/dense"):
+        table.add_column(col, justify="right" if col not in ("method", "task") else "left")
+    for row in report.rows:
+        ratio = "n/a" if row.ratio is None else f"{row.ratio:.2f}"
+        flag = " (dense < 0.8: uninformative)" if row.uninformative else ""
+        table.add_row(
+            report.methods_summary(), density, row.task, str(row.length), f"{row.dense:.2f}", f"{row.patched:.2f}", ratio + flag
+        )
+    if not report.rows:
+        table.add_row(report.methods_summary(), density, "-", "-", "-", "-", "-")
+    console.print(table)
+    if report.out:
+        console.print(f"checkpoint: {report.out}  (reload: attnkit.load({str(report.out)!r}))")
+    if report.seconds:
+        console.print("time: " + ", ".join(f"{k} {v:.1f}s" for k, v in report.seconds.items()))
+
+
+@app.command()
+def convert(
+    recipe: str = typer.Option(..., "--recipe", "-r", help="built-in recipe name or YAML path"),
+    model: str = typer.Option("llama", "--model", "-m", help="alias (llama, qwen, tiny-llama), HF id, dir or .gguf"),
+    out: Path = typer.Option(None, "--out", "-o", help="checkpoint folder (default runs/<recipe>-<model>)"),
+    overwrite: bool = typer.Option(False, "--overwrite", help="replace --out if it exists"),
+    evaluate: bool = typer.Option(True, "--eval/--no-eval", help="evaluate dense vs patched after saving"),
+    tasks: str = typer.Option(None, help="comma-separated tasks (default: the recipe's eval block)"),
+    lengths: str = typer.Option(None, help="comma-separated prompt lengths, e.g. 2k,4k"),
+    samples: int = typer.Option(None, help="samples per task and length"),
+    dtype: str = typer.Option(None, help="float32 | bfloat16 | float16 (default fp32 on CPU, bf16 on GPU)"),
+    device: str = typer.Option(None, help="cpu | cuda (default: cuda if available)"),
+) -> None:
+    """Load → apply a recipe → save → evaluate dense vs patched, and print the comparison."""
+    from attnkit.pipeline import convert as run_convert
+
+    if out is None:
+        out = Path("runs") / f"{Path(recipe).stem}-{Path(model).name}"
+    try:
+        report = run_convert(
+            recipe,
+            model,
+            out,
+            overwrite=overwrite,
+            evaluate=evaluate,
+            tasks=tasks.split(",") if tasks else None,
+            lengths=_int_list(lengths),
+            samples=samples,
+            dtype=dtype,
+            device=device,
+        )
+    except (ValueError, FileNotFoundError, RuntimeError) as err:
+        _fail(err)
+    print_report(report)
+
+
+@app.command("eval")
+def eval_command(
+    checkpoint: Path = typer.Argument(..., help="an attnkit checkpoint folder"),
+    tasks: str = typer.Option(None, help="comma-separated tasks (default: the recipe's eval block)"),
+    lengths: str = typer.Option(None, help="comma-separated prompt lengths, e.g. 2k,4k"),
+    samples: int = typer.Option(10, help="samples per task and length"),
+    dtype: str = typer.Option(None),
+    device: str = typer.Option(None),
+) -> None:
+    """Evaluate a checkpoint dense vs patched on locally generated tasks."""
+    from attnkit.pipeline import evaluate
+
+    try:
+        report = evaluate(
+            checkpoint, tasks.split(",") if tasks else None, _int_list(lengths), samples, dtype=dtype, device=device
+        )
+    except (ValueError, FileNotFoundError, RuntimeError) as err:
+        _fail(err)
+    print_report(report)
+
+
+@app.command()
+def recipes(name: str = typer.Argument(None, help="show this recipe's YAML")) -> None:
+    """List the built-in recipes, or show one."""
+    from attnkit.recipe import Recipe, builtin_recipes
+
+    if name:
+        try:
+            console.print(Recipe.load(name).to_yaml(), highlight=False, markup=False)
+        except ValueError as err:
+            _fail(err)
+        return
+    table = Table(title="built-in recipes")
+    table.add_column("name")
+    table.add_column("methods")
+    table.add_column("description")
+    for recipe_name in sorted(builtin_recipes()):
+        recipe = Recipe.load(recipe_name)
+        table.add_row(recipe_name, ", ".join(s.method_name for s in recipe.steps), recipe.description)
+    console.print(table)
+
+
+@app.command()
+def inspect(checkpoint: Path = typer.Argument(..., help="an attnkit checkpoint folder")) -> None:
+    """Per-layer methods, the recipe, and KV-cache bytes per token of a checkpoint (reads files only)."""
+    config_path = checkpoint / "config.json"
+    if not config_path.is_file():
+        _fail(FileNotFoundError(f"{checkpoint} is not a checkpoint folder (no config.json)"))
+    config = json.loads(config_path.read_text())
+    block = config.get("attnkit")
+    layers = config.get("num_hidden_layers", 0)
+    kv_heads = config.get("num_key_value_heads", config.get("num_attention_heads", 0))
+    head_dim = config.get("head_dim") or config.get("hidden_size", 0) // max(1, config.get("num_attention_heads", 1))
+    dtype = config.get("dtype") or config.get("torch_dtype") or "float32"
+    elem = {"float32": 4, "bfloat16": 2, "float16": 2}.get(str(dtype), 2)
+    kv_bytes = 2 * layers * kv_heads * head_dim * elem
+    console.print(f"[bold]{checkpoint}[/]: {config.get('architectures', ['?'])[0]}, {layers} layers, "
+                  f"{config.get('num_attention_heads')} q / {kv_heads} kv heads, head_dim {head_dim}")
+    console.print(f"KV cache: {kv_bytes} bytes/token ({dtype}: 2 × {layers} layers × {kv_heads} heads × {head_dim} × {elem} B)")
+    if block is None:
+        console.print("no attnkit block: a plain (dense) checkpoint")
+        return
+    recipe = block["recipe"]
+    console.print(f"recipe [bold]{recipe['name']}[/] (attnkit {block['versions'].get('attnkit')}, "
+                  f"transformers {block['versions'].get('transformers')})")
+    table = Table()
+    for col in ("layers", "prefill", "decode"):
+        table.add_column(col)
+    groups: dict[tuple, list[int]] = {}
+    for idx, methods in block["layers"].items():
+        groups.setdefault((methods.get("prefill", "dense"), methods.get("decode", "dense")), []).append(int(idx))
+    for (prefill, decode), idxs in groups.items():
+        table.add_row(_ranges(sorted(idxs)), prefill, decode)
+    console.print(table)
+    for step in recipe["steps"]:
+        params = ", ".join(f"{k}={v}" for k, v in step.items() if k != "method")
+        console.print(f"  {step['method']}: {params}")
+        if step["method"] == "streaming_llm" and step.get("evict", True):
+            bound = step["sink"] + step["window"]
+            console.print(f"    decode KV cache bounded at {bound} tokens = {bound * kv_bytes / 2**20:.1f} MiB per sequence")
+
+
+def _ranges(idxs: list[int]) -> str:
+    out, start = [], None
+    for i, idx in enumerate(idxs):
+        start = idx if start is None else start
+        if i + 1 == len(idxs) or idxs[i + 1] != idx + 1:
+            out.append(str(start) if start == idx else f"{start}-{idx}")
+            start = None
+    return ",".join(out)
+
+
+@app.command()
+def models() -> None:
+    """The model aliases attnkit knows (any HF id, local folder or .gguf path works too)."""
+    from attnkit.models import list_models
+
+    table = Table(title="model aliases")
+    aliases = list_models()
+    fields = [f for f in ("alias", "description", "architecture", "heads", "context", "source", "cached")]
+    for f in fields:
+        table.add_column(f)
+    for alias in aliases:
+        table.add_row(*(str(getattr(alias, f, "")) for f in fields))
+    console.print(table)
+
+
+def main() -> None:
+    try:
+        app()
+    except KeyboardInterrupt:
+        sys.exit(130)
+
+
+if __name__ == "__main__":
+    main()

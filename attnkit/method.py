@@ -1,0 +1,113 @@
+"""The Method base classes: one small validated config per method, plus the per-layer modules it attaches.
+
+A method is a pydantic model holding its recipe parameters (``extra="forbid"``: a typo'd key fails at load).
+It knows which layers it touches (``layers``) and what it puts there:
+
+- :meth:`Method.make_prefill_layer` returns a :class:`PrefillLayer`, whose :meth:`PrefillLayer.select_blocks`
+  turns ``(query, key)`` into a :class:`~attnkit.kernels.BlockMask` that the block-sparse kernel runs;
+- :meth:`Method.make_decode_layer` returns a :class:`DecodeLayer`, and :meth:`Method.make_cache_layer` the
+  transformers Cache layer that holds its decode-time state (see :mod:`attnkit.cache`).
+
+A layer holds at most one prefill and one decode module; one method may provide both (StreamingLLM).
+
+Both layer kinds are ordinary ``nn.Module``s living under the attention module (``self_attn.attnkit``), so any
+parameters they own (learned gates, feature maps) train, shard and save like the rest of the model.
+
+Adding a method = one module with a registered subclass, one recipe in ``recipes/``, tests (CONTRIBUTING.md).
+"""
+
+from __future__ import annotations
+
+from typing import TYPE_CHECKING, Any, ClassVar, Literal
+
+import torch
+from pydantic import BaseModel, ConfigDict, Field
+from torch import nn
+
+if TYPE_CHECKING:
+    from transformers import PreTrainedModel
+    from transformers.cache_utils import CacheLayerMixin
+
+    from attnkit.kernels import BlockMask
+
+
+class Method(BaseModel):
+    """Base of every registered method. Subclasses add their parameters as pydantic fields."""
+
+    model_config = ConfigDict(extra="forbid", validate_assignment=True)
+
+    method_name: ClassVar[str] = ""  # set by @attnkit.registry.register
+
+    layers: Literal["all"] | list[int] = Field(
+        "all", description='layers this method patches: "all" or a list of indices (negative counts from the end)'
+    )
+
+    def layer_indices(self, num_layers: int) -> list[int]:
+        """Resolve ``layers`` against a model with ``num_layers`` layers (sorted, unique)."""
+        if self.layers == "all":
+            return list(range(num_layers))
+        out = set()
+        for i in self.layers:
+            j = i + num_layers if i < 0 else i
+            if not 0 <= j < num_layers:
+                raise ValueError(f"{self.method_name}: layer {i} out of range for a model with {num_layers} layers")
+            out.add(j)
+        return sorted(out)
+
+    def to_step(self) -> dict[str, Any]:
+        """The recipe step that recreates this method: ``{"method": name, **parameters}``."""
+        return {"method": self.method_name, **self.model_dump(mode="json")}
+
+    # ------------------------------------------------------------- what the method attaches (see attnkit.apply)
+    def make_prefill_layer(self, layer_idx: int, attention: nn.Module) -> PrefillLayer | None:
+        """The module that picks this layer's prefill blocks, or None if the method leaves prefill alone."""
+        return None
+
+    def make_decode_layer(self, layer_idx: int, attention: nn.Module) -> DecodeLayer | None:
+        """The module that shapes this layer's decode steps, or None if the method leaves decode alone."""
+        return None
+
+    def make_cache_layer(self, layer_idx: int) -> CacheLayerMixin:
+        """A fresh transformers Cache layer for one model layer (methods with a decode layer provide one)."""
+        raise NotImplementedError(f"{self.method_name} has a decode layer but no cache layer")
+
+    def fit(self, model: PreTrainedModel, data: Any = None) -> None:
+        """Calibrate or train once the layers are attached (pattern search, gate training). Default: nothing."""
+
+
+class PrefillMethod(Method):
+    """A method that decides, per input, which key blocks each query block computes."""
+
+    block_size: int = Field(64, gt=0, description="query and key block size in tokens")
+    min_seq_len: int = Field(
+        0, ge=0, description="inputs with fewer query tokens run dense attention (sparsity never slows short prompts)"
+    )
+
+
+class PrefillLayer(nn.Module):
+    """Per-layer prefill module: picks blocks; the dispatcher runs the kernel."""
+
+    def __init__(self, method: PrefillMethod, layer_idx: int):
+        super().__init__()
+        self.method = method
+        self.layer_idx = layer_idx
+
+    def select_blocks(
+        self, query: torch.Tensor, key: torch.Tensor, key_padding_mask: torch.Tensor | None
+    ) -> BlockMask:
+        """Blocks to compute for ``query [B, Hq, Sq, D]`` against ``key [B, Hkv, Sk, D]`` (post-RoPE)."""
+        raise NotImplementedError
+
+
+class DecodeLayer(nn.Module):
+    """Per-layer decode module: maps the attention inputs of a decode step to what it attends to."""
+
+    def __init__(self, method: Method, layer_idx: int):
+        super().__init__()
+        self.method = method
+        self.layer_idx = layer_idx
+
+    def key_padding(self, key_padding_mask: torch.Tensor | None, kv_len: int) -> torch.Tensor | None:
+        """Map the model-level padding mask ``[B, seen + Sq]`` onto the keys this layer's cache returned."""
+        return key_padding_mask
+

@@ -1,0 +1,131 @@
+"""``attnkit.apply`` / ``attnkit.unpatch``: attach a recipe's per-layer modules and switch the attention backend.
+
+Applying never touches ``forward``: it attaches an :class:`~attnkit.attention.AttnkitAttention` module to each
+patched attention module (``self_attn.attnkit``), then selects the ``"attnkit"`` attention implementation with
+``model.set_attn_implementation``. Everything is validated and built before the model is modified, so a failing
+recipe leaves the model as it was.
+"""
+
+from __future__ import annotations
+
+import contextlib
+from collections.abc import Iterator
+from dataclasses import dataclass, field
+from typing import Any
+
+from transformers import PreTrainedModel
+
+from attnkit.attention import ATTN_IMPLEMENTATION, AttnkitAttention, attention_modules, attnkit_layers
+from attnkit.recipe import Recipe, RecipeError
+
+
+@dataclass
+class PatchState:
+    """What attnkit remembers on a patched model (``model.attnkit_state``)."""
+
+    recipe: Recipe
+    dense_implementation: str
+    layer_methods: dict[int, dict[str, str]] = field(default_factory=dict)  # layer → {"prefill": name, "decode": name}
+
+
+class AttnkitStats:
+    """``model.attnkit_stats``: per-layer record of the last forward (density, fallbacks), read live."""
+
+    def __init__(self, model: PreTrainedModel):
+        self._model = model
+
+    def per_layer(self) -> dict[int, dict[str, Any]]:
+        return {layer.layer_idx: dict(layer.stats) for layer in attnkit_layers(self._model)}
+
+    def mean_density(self) -> float | None:
+        """Mean over patched layers of the last prefill's block density (None before any prefill)."""
+        values = [s["density"] for s in self.per_layer().values() if "density" in s]
+        return sum(values) / len(values) if values else None
+
+    def __repr__(self) -> str:
+        return f"AttnkitStats(mean_density={self.mean_density()}, layers={self.per_layer()})"
+
+
+def is_patched(model: PreTrainedModel) -> bool:
+    return getattr(model, "attnkit_state", None) is not None
+
+
+def apply(model: PreTrainedModel, recipe: Recipe | str | dict, data: Any = None, fit: bool = True) -> PreTrainedModel:
+    """Patch ``model`` in place with ``recipe`` and return it.
+
+    Args:
+        model: a transformers causal LM using the attention interface (Llama/Qwen2-style).
+        recipe: a :class:`Recipe`, a built-in recipe name, a YAML path or a dict.
+        data: calibration / training data for methods that need it (passed to ``Method.fit``).
+        fit: run the methods' calibration/training (``attnkit.load`` restores without refitting).
+    """
+    from attnkit.models import check_supported
+
+    recipe = Recipe.load(recipe)
+    check_supported(model)
+    if is_patched(model):
+        raise RuntimeError("model is already patched by attnkit; call attnkit.unpatch(model) first")
+    attentions = attention_modules(model)
+    num_layers = len(attentions)
+
+    # Build everything first: nothing is attached unless the whole recipe fits this model.
+    built: dict[int, AttnkitAttention] = {}
+    layer_methods: dict[int, dict[str, str]] = {}
+    for step in recipe.steps:
+        try:
+            indices = step.layer_indices(num_layers)
+        except ValueError as err:
+            raise RecipeError(f"recipe {recipe.name!r}: {err}") from None
+        for idx in indices:
+            layer = built.setdefault(idx, AttnkitAttention(idx))
+            names = layer_methods.setdefault(idx, {})
+            for slot, make in (("prefill", step.make_prefill_layer), ("decode", step.make_decode_layer)):
+                module = make(idx, attentions[idx])
+                if module is None:
+                    continue
+                if getattr(layer, slot) is not None:
+                    raise RecipeError(
+                        f"recipe {recipe.name!r}: layer {idx} gets two {slot} methods "
+                        f"({names[slot]} and {step.method_name})"
+                    )
+                setattr(layer, slot, module)
+                names[slot] = step.method_name
+
+    reference = next(model.parameters())
+    for idx, layer in built.items():
+        attentions[idx].attnkit = layer.to(device=reference.device)
+    model.attnkit_state = PatchState(recipe, model.config._attn_implementation, layer_methods)
+    model.attnkit_stats = AttnkitStats(model)
+    model.set_attn_implementation(ATTN_IMPLEMENTATION)
+    if fit:
+        for step in recipe.steps:
+            step.fit(model, data)
+    return model
+
+
+def unpatch(model: PreTrainedModel) -> PreTrainedModel:
+    """Remove every attnkit module and restore the attention implementation the model had before ``apply``."""
+    state: PatchState | None = getattr(model, "attnkit_state", None)
+    if state is None:
+        return model
+    for attention in attention_modules(model):
+        if hasattr(attention, "attnkit"):
+            del attention.attnkit
+    model.set_attn_implementation(state.dense_implementation)
+    model.attnkit_state = None
+    model.attnkit_stats = None
+    return model
+
+
+@contextlib.contextmanager
+def dense(model: PreTrainedModel) -> Iterator[PreTrainedModel]:
+    """Run a patched model as the dense model inside the block (modules stay attached, backend switched)."""
+    state: PatchState | None = getattr(model, "attnkit_state", None)
+    if state is None:
+        yield model
+        return
+    model.set_attn_implementation(state.dense_implementation)
+    try:
+        yield model
+    finally:
+        model.set_attn_implementation(ATTN_IMPLEMENTATION)
