@@ -30,7 +30,7 @@ def _int_list(text: str | None) -> list[int] | None:
 
 
 def _fail(err: Exception) -> None:
-    err_console.print(f"[bold red]error:[/] {err}")
+    err_console.print(f"[bold red]error:[/] {err}", soft_wrap=True)
     raise typer.Exit(2)
 
 
@@ -50,7 +50,7 @@ def print_report(report) -> None:
         table.add_row(report.methods_summary(), density, "-", "-", "-", "-", "-")
     console.print(table)
     if report.out:
-        console.print(f"checkpoint: {report.out}  (reload: attnkit.load({str(report.out)!r}))")
+        console.print(f"checkpoint: {report.out}  (reload: attnkit.load({str(report.out)!r}))", soft_wrap=True)
     if report.seconds:
         console.print("time: " + ", ".join(f"{k} {v:.1f}s" for k, v in report.seconds.items()))
 

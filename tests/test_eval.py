@@ -1,7 +1,7 @@
 """attnkit.eval: generated passkey tasks, the lm-eval model, the harness and dense-vs-patched comparison.
 
-Fast tests use a byte-level tokenizer (one token per UTF-8 byte, so lengths are exact and cheap) and a 2-layer
-random Llama; the one slow test runs the embedded SmolLM2-135M when its folder exists.
+Fast tests use attnkit's ``tiny-llama`` (a 2-layer random Llama with a byte-level tokenizer); the slow tests run
+lm-eval's CLI in a subprocess and the embedded SmolLM2-135M (when its folder exists).
 """
 
 from __future__ import annotations
@@ -10,6 +10,7 @@ import json
 import logging
 import os
 import re
+import socket
 import subprocess
 import sys
 import time
@@ -17,11 +18,11 @@ from pathlib import Path
 
 import pytest
 import torch
-from tokenizers import Tokenizer, decoders, models, pre_tokenizers
-from transformers import LlamaConfig, LlamaForCausalLM, PreTrainedTokenizerFast
+from transformers import PreTrainedModel, PreTrainedTokenizerBase
 
 from attnkit.eval.harness import UNINFORMATIVE_BELOW, ComparisonRow, TaskResult, compare, run_tasks
 from attnkit.eval.tasks import (
+    DATASETS_CACHE,
     PASSKEY_INSTRUCTION,
     PASSKEY_NEEDLE,
     PASSKEY_QUESTION,
@@ -30,6 +31,7 @@ from attnkit.eval.tasks import (
     generate_task,
     score_contains_answer,
 )
+from attnkit.models import load_model, tiny_tokenizer
 
 lm_eval = pytest.importorskip("lm_eval")
 from lm_eval.api.model import LM  # noqa: E402  (after the importorskip that guards the optional extra)
@@ -44,36 +46,23 @@ SMOLLM2_DIR = Path.home() / ".cache" / "attnkit" / "models" / "smollm2-135m-inst
 # Fixtures
 
 
-def _byte_tokenizer() -> PreTrainedTokenizerFast:
-    """A GPT-2-free byte-level tokenizer: BPE over the 256 byte symbols with no merges, plus an EOS."""
-    vocab = {symbol: i for i, symbol in enumerate(sorted(pre_tokenizers.ByteLevel.alphabet()))}
-    vocab["<|endoftext|>"] = len(vocab)
-    backend = Tokenizer(models.BPE(vocab=vocab, merges=[]))
-    backend.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
-    backend.decoder = decoders.ByteLevel()
-    return PreTrainedTokenizerFast(tokenizer_object=backend, eos_token="<|endoftext|>")
+@pytest.fixture(scope="module")
+def tiny() -> tuple[PreTrainedModel, PreTrainedTokenizerBase]:
+    """attnkit's ``tiny-llama`` (2 layers, hidden 64, GQA 2:1, fp32) and its byte-level tokenizer.
+
+    One token per UTF-8 byte: prompt lengths are exact and cheap to reason about.
+    """
+    return load_model("tiny-llama", dtype=torch.float32, device="cpu")
 
 
 @pytest.fixture(scope="module")
-def tokenizer() -> PreTrainedTokenizerFast:
-    return _byte_tokenizer()
+def tokenizer(tiny) -> PreTrainedTokenizerBase:
+    return tiny[1]
 
 
 @pytest.fixture(scope="module")
-def tiny_model(tokenizer: PreTrainedTokenizerFast) -> LlamaForCausalLM:
-    """A 2-layer random Llama (hidden 64, GQA 4:2) over the byte vocabulary, fp32, eval mode."""
-    torch.manual_seed(0)
-    config = LlamaConfig(
-        vocab_size=len(tokenizer),
-        hidden_size=64,
-        intermediate_size=128,
-        num_hidden_layers=2,
-        num_attention_heads=4,
-        num_key_value_heads=2,
-        max_position_embeddings=2048,
-        eos_token_id=tokenizer.eos_token_id,
-    )
-    return LlamaForCausalLM(config).eval()
+def tiny_model(tiny) -> PreTrainedModel:
+    return tiny[0]
 
 
 def _read_jsonl(path: Path) -> list[dict]:
@@ -89,7 +78,9 @@ def test_passkey_is_deterministic_for_a_seed(tokenizer, tmp_path):
     b = generate_task("passkey", tokenizer, 300, samples=6, seed=7, out_dir=tmp_path / "b")
     c = generate_task("passkey", tokenizer, 300, samples=6, seed=8, out_dir=tmp_path / "c")
     assert a.jsonl_path.read_bytes() == b.jsonl_path.read_bytes()
-    assert [r["answer"] for r in _read_jsonl(a.jsonl_path)] != [r["answer"] for r in _read_jsonl(c.jsonl_path)]
+    assert [r["answer"] for r in _read_jsonl(a.jsonl_path)] != [
+        r["answer"] for r in _read_jsonl(c.jsonl_path)
+    ]
     assert a.name == "attnkit_passkey_300" and a.task == "passkey" and a.length == 300 and a.n_samples == 6
 
 
@@ -119,6 +110,20 @@ def test_passkey_prompt_length_needle_and_depth(tokenizer, tmp_path, length):
         assert abs(depth_seen - r["depth"]) <= 22 / haystack_chars + 0.01, (depth_seen, r["depth"])
 
 
+@pytest.mark.parametrize("length", [1024, 2048, 4096], ids=lambda n: f"L{n}")
+def test_passkey_lengths_with_a_real_bpe_tokenizer(tmp_path, length):
+    """BPE merges across word boundaries, so the fill must measure whole prompts: check it on SmolLM2's."""
+    if not SMOLLM2_DIR.is_dir():
+        pytest.skip(f"{SMOLLM2_DIR} not found (the embedded SmolLM2 has not been materialized)")
+    from transformers import AutoTokenizer
+
+    tok = AutoTokenizer.from_pretrained(SMOLLM2_DIR)
+    local = generate_task("passkey", tok, length, samples=3, out_dir=tmp_path)
+    for r in _read_jsonl(local.jsonl_path):
+        assert length - 16 <= count_tokens(tok, r["prompt"]) == r["n_tokens"] <= length
+        assert r["prompt"].count(PASSKEY_NEEDLE.format(key=r["answer"])) == 1
+
+
 def test_passkey_rejects_a_length_too_short_for_the_frame(tokenizer, tmp_path):
     with pytest.raises(ValueError, match="shorter than the prompt"):
         generate_task("passkey", tokenizer, 100, samples=1, out_dir=tmp_path)
@@ -137,6 +142,7 @@ def test_task_yaml_loads_with_lm_eval_task_manager(tokenizer, tmp_path):
     docs = list(task.test_docs())
     assert len(docs) == 4
     assert task.doc_to_text(docs[0]) == _read_jsonl(local.jsonl_path)[0]["prompt"]
+    assert (tmp_path / DATASETS_CACHE).is_dir()  # datasets' Arrow copy stays with the task, not in ~/.cache
 
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -211,7 +217,7 @@ def test_attnkit_lm_loads_a_checkpoint_path_through_attnkit_load(tiny_model, mon
 
     def fake_load(path):
         calls.append(path)
-        return tiny_model, _byte_tokenizer()
+        return tiny_model, tiny_tokenizer()
 
     monkeypatch.setattr(attnkit, "load", fake_load, raising=False)
     lm = AttnkitLM(pretrained="some/checkpoint", device="cpu", dtype="float32", max_length=64)
@@ -220,10 +226,20 @@ def test_attnkit_lm_loads_a_checkpoint_path_through_attnkit_load(tiny_model, mon
     assert lm.get_model_info()["model_checkpoint"] == "some/checkpoint"
 
 
+def test_attnkit_lm_leaves_the_callers_tokenizer_alone(tiny_model):
+    """HFLM gives a pad-less tokenizer a pad token; AttnkitLM must do that on a copy, not the caller's."""
+    tok = tiny_tokenizer()
+    tok.pad_token = None
+    lm = AttnkitLM(pretrained=tiny_model, tokenizer=tok)
+    assert tok.pad_token is None
+    assert lm.tokenizer.pad_token is not None
+
+
 def test_generation_passes_the_attnkit_decode_cache(tiny_model, tokenizer, monkeypatch):
     """When make_cache returns a Cache, model.generate receives it as past_key_values; when None, nothing."""
-    import attnkit.cache
     from transformers import DynamicCache
+
+    import attnkit.cache
 
     lm = AttnkitLM(pretrained=tiny_model, tokenizer=tokenizer)
     seen = []
@@ -239,7 +255,9 @@ def test_generation_passes_the_attnkit_decode_cache(tiny_model, tokenizer, monke
 
     cache = DynamicCache()
     monkeypatch.setattr(attnkit.cache, "make_cache", lambda model: cache)
-    out = lm._model_generate(context, context.shape[1] + 3, ["\n"], attention_mask=attention_mask, do_sample=False)
+    out = lm._model_generate(
+        context, context.shape[1] + 3, ["\n"], attention_mask=attention_mask, do_sample=False
+    )
     assert seen[-1] is cache and out.shape == (1, context.shape[1] + 3)
 
     monkeypatch.setattr(attnkit.cache, "make_cache", lambda model: None)
@@ -251,15 +269,24 @@ def test_generation_passes_the_attnkit_decode_cache(tiny_model, tokenizer, monke
 # Harness
 
 
-def test_run_tasks_on_a_tiny_model(tiny_model, tokenizer, tmp_path, caplog):
+def test_run_tasks_on_a_tiny_model(tiny_model, tokenizer, tmp_path, caplog, monkeypatch):
+    def no_network(*args, **kwargs):
+        raise AssertionError(f"run_tasks tried to open a connection: {args}")
+
+    monkeypatch.setattr(socket.socket, "connect", no_network)
     with caplog.at_level(logging.WARNING, logger="lm_eval"):
         results = run_tasks(
-            tiny_model, tokenizer, lengths=(260, 320), samples=3, batch_size=2, work_dir=tmp_path, show_progress=False
+            tiny_model,
+            tokenizer,
+            lengths=(260, 320),
+            samples=3,
+            batch_size=2,
+            work_dir=tmp_path,
+            show_progress=False,
         )
     assert [(r.task, r.length, r.n_samples) for r in results] == [("passkey", 260, 3), ("passkey", 320, 3)]
     assert all(0.0 <= r.score <= 1.0 for r in results)
     assert not any("truncat" in rec.getMessage().lower() for rec in caplog.records)  # prompts went in whole
-    assert tokenizer.pad_token is None  # HFLM set a pad token on its copy, not on ours
     assert {p.name for p in tmp_path.iterdir()} >= {"attnkit_passkey_260.yaml", "attnkit_passkey_320.jsonl"}
 
     rows = compare(results, results)
@@ -281,6 +308,7 @@ def test_compare_ratio_and_uninformative_flag():
         compare(dense, patched[:1])
 
 
+@pytest.mark.slow  # ~15 s on 2 cores: lm-eval's CLI indexes its ~15k built-in task configs on every run
 def test_cli_entry_point_runs_lm_eval_with_the_attnkit_model(tiny_model, tokenizer, tmp_path):
     """`python -m attnkit.eval.lm_eval --model attnkit --model_args pretrained=DIR ...` end to end."""
     checkpoint = tmp_path / "tiny"
@@ -313,6 +341,8 @@ def test_smollm2_dense_passkey_at_1k(tmp_path):
     cpu_start, wall_start = time.process_time(), time.perf_counter()
     (result,) = run_tasks(model, tok, lengths=(1024,), samples=4, work_dir=tmp_path, show_progress=False)
     cpu, wall = time.process_time() - cpu_start, time.perf_counter() - wall_start
-    print(f"\nSmolLM2-135M dense passkey 1K x 4: score {result.score:.2f}, {cpu:.1f} s CPU, {wall:.1f} s wall")
+    print(
+        f"\nSmolLM2-135M dense passkey 1K x 4: score {result.score:.2f}, {cpu:.1f} s CPU, {wall:.1f} s wall"
+    )
     assert result.n_samples == 4
     assert result.score >= 0.75

@@ -146,17 +146,23 @@ def run_tasks(
     Returns:
         One :class:`TaskResult` per (task, length), tasks outer, lengths inner.
     """
-    import lm_eval  # lazy: lm-eval is the optional `eval` extra and slow to import
-    from lm_eval.tasks import TaskManager
-    from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
-
-    from attnkit.eval.lm_eval import AttnkitLM
-
     unknown = [t for t in tasks if t not in TASKS]
     if unknown:
         raise KeyError(f"unknown tasks {unknown}; registered: {sorted(TASKS)}")
+    if not tasks or not lengths:
+        raise ValueError("run_tasks needs at least one task and one length")
 
     with ExitStack() as stack:
+        # Offline before lm-eval (and through it `datasets`) is imported: those read the variables at import.
+        # huggingface_hub was imported with transformers and keeps the mode it read then; nothing here needs
+        # the network anyway (data are local files, AttnkitLM skips HFLM's Hub lookup of the model sha).
+        stack.enter_context(_offline())
+        import lm_eval  # lazy: lm-eval is the optional `eval` extra and slow to import
+        from lm_eval.tasks import TaskManager
+        from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
+
+        from attnkit.eval.lm_eval import AttnkitLM
+
         if work_dir is None:
             work_dir = stack.enter_context(tempfile.TemporaryDirectory(prefix="attnkit-eval-"))
         work_dir = Path(work_dir)
@@ -177,7 +183,6 @@ def run_tasks(
             disable=not show_progress,
         )
         stack.enter_context(progress)
-        stack.enter_context(_offline())
         stack.enter_context(_quiet_lm_eval())
         bars = {local.name: progress.add_task(local.name, total=local.n_samples) for local in local_tasks}
         current: list[str] = []  # the task being evaluated, for the progress callback
@@ -189,7 +194,7 @@ def run_tasks(
             max_length=max_length,
             progress=lambda n: progress.advance(bars[current[-1]], n),
         )
-        # Only our folder: indexing lm-eval's ~10k built-in task configs would cost seconds per run.
+        # Only our folder: indexing lm-eval's ~15k built-in task configs costs 8-17 s on a 2-core CPU.
         task_manager = TaskManager(include_path=str(work_dir), include_defaults=False)
 
         results = []
@@ -210,7 +215,9 @@ def run_tasks(
         return results
 
 
-def compare(dense_results: Sequence[TaskResult], patched_results: Sequence[TaskResult]) -> list[ComparisonRow]:
+def compare(
+    dense_results: Sequence[TaskResult], patched_results: Sequence[TaskResult]
+) -> list[ComparisonRow]:
     """Pair dense and patched results by (task, length), in the dense results' order.
 
     Raises ``ValueError`` when the two runs do not cover the same (task, length) pairs.

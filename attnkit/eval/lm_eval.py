@@ -47,11 +47,9 @@ class _DropInMemoryWarnings(logging.Filter):
 
 
 def _decode_cache(model: PreTrainedModel) -> Any | None:
-    """The attnkit decode cache for ``model``, or None when it has no attnkit cache factory (dense models)."""
-    try:
-        from attnkit.cache import make_cache  # lazy: attnkit.cache imports the method registry
-    except ImportError:  # attnkit.cache is being written; until it lands every model decodes with HF's cache
-        return None
+    """The attnkit decode cache for ``model``, or None when no layer has a decode method (dense models)."""
+    from attnkit.cache import make_cache  # lazy: importing attnkit pulls in every method
+
     return make_cache(model)
 
 

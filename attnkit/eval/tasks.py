@@ -6,7 +6,8 @@ with :func:`register_task`; :func:`generate_task` turns any registered generator
 
 * a JSONL file, one sample per line: ``{"prompt", "answer", "depth", "n_tokens", "length"}``, and
 * an lm-eval task YAML next to it (``dataset_path: json``, greedy ``generate_until``), scored by
-  :func:`score_contains_answer`, which lm-eval imports through ``!function``.
+  :func:`score_contains_answer`, which lm-eval imports through ``!function``
+  (``datasets`` caches its Arrow copy under ``<folder>/.hf_datasets``).
 
 Adding a task (e.g. a NIAH variant) is one function::
 
@@ -28,6 +29,8 @@ import yaml
 from transformers import PreTrainedTokenizerBase
 
 __all__ = [
+    "DATASETS_CACHE",
+    "METRIC",
     "TASKS",
     "LocalTask",
     "TaskSample",
@@ -42,6 +45,8 @@ __all__ = [
 
 # The metric key reported by every generated task (lm-eval adds the filter name: "contains_answer,none").
 METRIC = "contains_answer"
+# Subfolder of a task folder where `datasets` keeps its Arrow copies of the JSONL files.
+DATASETS_CACHE = ".hf_datasets"
 
 
 @dataclass(frozen=True)
@@ -87,7 +92,9 @@ class TaskSpec:
 TASKS: dict[str, TaskSpec] = {}
 
 
-def register_task(name: str, *, until: Sequence[str], max_gen_toks: int) -> Callable[[SampleBuilder], SampleBuilder]:
+def register_task(
+    name: str, *, until: Sequence[str], max_gen_toks: int
+) -> Callable[[SampleBuilder], SampleBuilder]:
     """Register a sample builder under ``name`` (decorator). Raises ``ValueError`` on a duplicate name."""
 
     def decorate(build: SampleBuilder) -> SampleBuilder:
@@ -216,7 +223,7 @@ def passkey(tokenizer: PreTrainedTokenizerBase, length: int, depth: float, rng: 
         What is the pass key? The pass key is
 
     The noise cycles through its five sentences and grows one word at a time (the reference code cuts it at a
-    character), so the prompt ends within a word (1–3 tokens) of ``length``. The needle goes in at the sentence
+    character), so the prompt ends within one word (1–3 BPE tokens) of ``length``. The needle goes in at the sentence
     boundary nearest to ``depth`` of the noise words. The expected continuation is `` 68213.``; decoding stops at
     a newline.
     """
@@ -296,16 +303,24 @@ def generate_task(
     config = {
         "task": full_name,
         "dataset_path": "json",
-        # An absolute path: lm-eval hands data_files to `datasets.load_dataset`, which resolves relative paths
-        # against the working directory, not the YAML's folder.
-        "dataset_kwargs": {"data_files": {"test": str(jsonl_path.resolve())}},
+        # Absolute paths: lm-eval hands these to `datasets.load_dataset`, which resolves relative paths against
+        # the working directory, not the YAML's folder. The datasets cache (an Arrow copy of every JSONL) lives
+        # next to the task, so it goes when the folder goes instead of piling up in ~/.cache/huggingface.
+        "dataset_kwargs": {
+            "data_files": {"test": str(jsonl_path.resolve())},
+            "cache_dir": str((out / DATASETS_CACHE).resolve()),
+        },
         "test_split": "test",
         "output_type": "generate_until",
         "num_fewshot": 0,
         # Column names, not Jinja templates: lm-eval reads doc[column] directly when the name is a feature.
         "doc_to_text": "prompt",
         "doc_to_target": "answer",
-        "generation_kwargs": {"until": list(spec.until), "max_gen_toks": spec.max_gen_toks, "do_sample": False},
+        "generation_kwargs": {
+            "until": list(spec.until),
+            "max_gen_toks": spec.max_gen_toks,
+            "do_sample": False,
+        },
         "metric_list": [{"metric": METRIC, "aggregation": "mean", "higher_is_better": True}],
         "metadata": {"version": 1.0, "length": length, "seed": seed, "depths": [float(d) for d in depths]},
     }
@@ -314,5 +329,10 @@ def generate_task(
     text += f"process_results: !function {__name__}.score_contains_answer\n"
     yaml_path.write_text(text, encoding="utf-8")
     return LocalTask(
-        name=full_name, task=name, length=length, yaml_path=yaml_path, jsonl_path=jsonl_path, n_samples=samples
+        name=full_name,
+        task=name,
+        length=length,
+        yaml_path=yaml_path,
+        jsonl_path=jsonl_path,
+        n_samples=samples,
     )

@@ -100,7 +100,7 @@ class BlockMask:
 
     def expand(self, batch: int, heads: int) -> BlockMask:
         """Broadcast a ``B == 1`` / ``H == 1`` mask to ``[batch, heads, ...]`` (views, no copies)."""
-        b, h, qb, kb = self.shape
+        _b, _h, qb, kb = self.shape
         return BlockMask(
             self.kv_num_blocks.expand(batch, heads, qb),
             self.kv_indices.expand(batch, heads, qb, kb),
