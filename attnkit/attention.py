@@ -66,8 +66,8 @@ def dense_attention(
 class AttnkitAttention(nn.Module):
     """What attnkit attaches to one attention module: an optional prefill and an optional decode method.
 
-    ``stats`` holds what the last call did (``density`` of the last prefill, ``dense_fallback`` …), read by
-    ``model.attnkit_stats``.
+    ``stats`` holds what the last prefill did (its ``block_mask`` or ``dense_fallback``), read by
+    ``model.attnkit_stats``, which computes densities only when asked: no host sync on the hot path.
     """
 
     def __init__(self, layer_idx: int):
@@ -96,10 +96,10 @@ class AttnkitAttention(nn.Module):
             )
         if sq > 1 and self.prefill is not None:
             if sq < self.prefill.method.min_seq_len:
-                self.stats.update(density=1.0, dense_fallback=True, q_len=sq, kv_len=sk)
+                self.stats = {"dense_fallback": True, "q_len": sq, "kv_len": sk}
             else:
                 block_mask = self.prefill.select_blocks(query, key, key_padding_mask)
-                self.stats.update(density=block_mask.density(), dense_fallback=False, q_len=sq, kv_len=sk)
+                self.stats = {"dense_fallback": False, "q_len": sq, "kv_len": sk, "block_mask": block_mask}
                 return block_sparse_attention(query, key, value, block_mask, scale, key_padding_mask)
         return dense_attention(query, key, value, key_padding_mask, scale)
 

@@ -88,8 +88,15 @@ class AttnkitCache(DynamicCache):
 
 
 def make_cache(model: PreTrainedModel) -> AttnkitCache | None:
-    """The cache to generate with, or ``None`` when no layer of ``model`` has a decode method."""
-    from attnkit.attention import attention_modules
+    """The cache to generate with, or ``None`` when no layer of ``model`` has a decode method.
+
+    Also ``None`` while the model runs dense (inside :func:`attnkit.dense` or after ``unpatch``): a dense run
+    must see the whole KV cache, not an evicting one.
+    """
+    from attnkit.attention import ATTN_IMPLEMENTATION, attention_modules
+
+    if model.config._attn_implementation != ATTN_IMPLEMENTATION:
+        return None
 
     layers, any_decode = [], False
     for idx, attention in enumerate(attention_modules(model)):

@@ -35,11 +35,20 @@ class AttnkitStats:
         self._model = model
 
     def per_layer(self) -> dict[int, dict[str, Any]]:
-        return {layer.layer_idx: dict(layer.stats) for layer in attnkit_layers(self._model)}
+        """Layer → ``{density, dense_fallback, q_len, kv_len}`` of its last prefill (layers with a prefill run)."""
+        out = {}
+        for layer in attnkit_layers(self._model):
+            if not layer.stats:
+                continue
+            stats = {k: v for k, v in layer.stats.items() if k != "block_mask"}
+            block_mask = layer.stats.get("block_mask")
+            stats["density"] = block_mask.density() if block_mask is not None else 1.0
+            out[layer.layer_idx] = stats
+        return out
 
     def mean_density(self) -> float | None:
         """Mean over patched layers of the last prefill's block density (None before any prefill)."""
-        values = [s["density"] for s in self.per_layer().values() if "density" in s]
+        values = [s["density"] for s in self.per_layer().values()]
         return sum(values) / len(values) if values else None
 
     def __repr__(self) -> str:

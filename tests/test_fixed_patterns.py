@@ -119,5 +119,8 @@ def test_min_seq_len_falls_back_to_dense(tiny):
 def test_layers_selector_patches_only_those_layers(tiny):
     model, _ = tiny
     attnkit.apply(model, recipe("sliding_window", {"window": 16, "layers": [-1]}))
-    stats_layers = set(model.attnkit_stats.per_layer())
-    assert stats_layers == {model.config.num_hidden_layers - 1}
+    last = model.config.num_hidden_layers - 1
+    assert set(model.attnkit_state.layer_methods) == {last}
+    assert model.attnkit_stats.per_layer() == {}  # nothing ran yet
+    logits(model, random_batch(model.config.vocab_size, 1, 64)[0])
+    assert set(model.attnkit_stats.per_layer()) == {last}

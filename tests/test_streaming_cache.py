@@ -97,3 +97,14 @@ def test_no_decode_cache_without_a_decode_method(tiny):
     model, _ = tiny
     attnkit.apply(model, streaming(4, 16, evict=False))
     assert attnkit.make_cache(model) is None
+
+
+def test_dense_mode_generates_with_a_full_cache(tiny):
+    """Inside attnkit.dense(model) the dense comparison must not use the evicting cache."""
+    model, _ = tiny
+    attnkit.apply(model, streaming(4, 16))
+    assert attnkit.make_cache(model) is not None
+    with attnkit.dense(model):
+        assert attnkit.make_cache(model) is None
+    attnkit.unpatch(model)
+    assert attnkit.make_cache(model) is None

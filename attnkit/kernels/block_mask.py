@@ -83,15 +83,6 @@ class BlockMask:
         """Boolean ``[QB, KB]``: blocks that hold at least one causally visible (query, key) pair."""
         return causal_block_matrix(self.q_len, self.kv_len, self.block_size, self.device)
 
-    def token_mask(self, q_rows: slice | None = None) -> torch.Tensor:
-        """Boolean ``[B, H, rows, Sk]`` expansion of the block lists, *without* the causal condition."""
-        bq, bk = self.block_size
-        dense = self.to_dense()
-        rows = range(self.q_len)[q_rows] if q_rows is not None else range(self.q_len)
-        qblock = torch.arange(rows.start, rows.stop, device=self.device) // bq
-        kblock = torch.arange(self.kv_len, device=self.device) // bk
-        return dense[:, :, qblock][:, :, :, kblock]
-
     def density(self) -> float:
         """Fraction of the causally visible blocks that are computed (mean over batch and heads)."""
         visible = self.causal_blocks()
