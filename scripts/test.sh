@@ -5,5 +5,5 @@ set -euo pipefail
 cd "$(dirname "$0")/.."
 bash scripts/setup.sh
 . .venv/bin/activate
-ruff check attnkit tests benchmarks
+ruff check .
 python -m pytest -q -p no:cacheprovider "$@"
