@@ -15,7 +15,6 @@ attnkit never replaces ``forward``. It registers one name, ``"attnkit"``, with b
 
 from __future__ import annotations
 
-import logging
 from collections.abc import Iterator
 from typing import Any
 
@@ -28,11 +27,12 @@ from transformers.masking_utils import (
     prepare_padding_mask,
     sdpa_mask,
 )
+from transformers.utils import logging
 
 from attnkit.kernels import block_sparse_attention
 from attnkit.method import DecodeLayer, PrefillLayer
 
-logger = logging.getLogger(__name__)
+logger = logging.get_logger(__name__)
 
 ATTN_IMPLEMENTATION = "attnkit"
 
@@ -121,8 +121,10 @@ def attnkit_attention(
     layer: AttnkitAttention | None = getattr(module, "attnkit", None)
     if attention_mask is not None and attention_mask.dim() == 4:
         # A mask pattern attnkit cannot express as block lists (see the module docstring): dense, exactly.
-        if layer is not None and (layer.prefill is not None or layer.decode is not None):
-            logger.warning("layer %s: non-causal mask pattern, running dense attention", layer.layer_idx)
+        if layer is not None and layer.prefill is not None:
+            logger.warning_once("attnkit: the model's mask is not causal + padding; sparse prefill runs dense")
+        if layer is not None and layer.decode is not None:
+            attention_mask = layer.decode.key_padding(attention_mask, key.shape[-2])
         from transformers.integrations.sdpa_attention import sdpa_attention_forward
 
         return sdpa_attention_forward(module, query, key, value, attention_mask, scaling=scaling, **kwargs)
@@ -160,6 +162,7 @@ def attnkit_mask(
     if padding is None:
         return None
     padding = padding[:, kv_offset : kv_offset + kv_length].bool()
+    # One host sync per forward (masks are built once per model call, not per layer) buys the fast unpadded path.
     return None if bool(padding.all()) else padding
 
 
@@ -187,14 +190,6 @@ def attnkit_layers(model: PreTrainedModel) -> Iterator[AttnkitAttention]:
         layer = getattr(attention, "attnkit", None)
         if layer is not None:
             yield layer
-
-
-def get_or_create_layer(attention: nn.Module, layer_idx: int) -> AttnkitAttention:
-    layer = getattr(attention, "attnkit", None)
-    if layer is None:
-        layer = AttnkitAttention(layer_idx)
-        attention.attnkit = layer  # registered as a submodule: its parameters follow .to(), saving, sharding
-    return layer
 
 
 register()

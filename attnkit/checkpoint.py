@@ -26,7 +26,7 @@ import torch
 from safetensors.torch import load_file, save_file
 from transformers import PreTrainedModel, PreTrainedTokenizerBase
 
-from attnkit.patch import PatchState, apply
+from attnkit.patch import PatchState, apply, dense
 from attnkit.recipe import Recipe
 
 logger = logging.getLogger(__name__)
@@ -67,8 +67,6 @@ def save(
         extra = {k: v.detach().contiguous().cpu() for k, v in full.items() if ATTNKIT_KEY in k}
         # save_pretrained records the attention implementation only as a runtime choice; the dense one is what a
         # plain from_pretrained must get, so save with it selected.
-        from attnkit.patch import dense
-
         with dense(model):
             model.save_pretrained(tmp, state_dict=base)
         if tokenizer is not None:

@@ -108,6 +108,7 @@ class DecodeLayer(nn.Module):
         self.layer_idx = layer_idx
 
     def key_padding(self, key_padding_mask: torch.Tensor | None, kv_len: int) -> torch.Tensor | None:
-        """Map the model-level padding mask ``[B, seen + Sq]`` onto the keys this layer's cache returned."""
+        """Map a mask over all seen keys (last dim ``seen + Sq``: a 2D padding mask or a 4D mask) onto the
+        ``kv_len`` keys this layer's cache returned."""
         return key_padding_mask
 

@@ -7,7 +7,7 @@ import torch
 
 from attnkit.kernels import BlockMask, block_sparse_attention, causal_block_matrix
 from attnkit.kernels.block_mask import num_blocks
-from attnkit.kernels.block_sparse import flex_block_sparse_attention, reference
+from attnkit.kernels.block_sparse import flex, reference
 
 # fp32 reference vs an fp64 oracle: both exact softmax attention, differences are rounding only.
 ATOL = 2e-5
@@ -147,7 +147,7 @@ def test_flex_backend_matches_reference():
     pad[1, :20] = False
     mask = BlockMask.from_dense(blocks, sq, sk, bs)
     try:
-        out = flex_block_sparse_attention(q, k, v, mask, key_padding_mask=pad)
+        out = flex.block_sparse_attention(q, k, v, mask, key_padding_mask=pad)
     except Exception as err:  # FlexAttention's CPU path depends on the torch build
         pytest.skip(f"FlexAttention does not run here: {err}")
     ref = reference.block_sparse_attention(q, k, v, mask, key_padding_mask=pad)

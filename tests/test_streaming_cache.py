@@ -108,3 +108,17 @@ def test_dense_mode_generates_with_a_full_cache(tiny):
         assert attnkit.make_cache(model) is None
     attnkit.unpatch(model)
     assert attnkit.make_cache(model) is None
+
+
+def test_evicting_decode_with_a_4d_mask(tiny):
+    """A model-provided 4D mask (the dense fallback path) is mapped onto the evicted keys like a padding mask."""
+    model, _ = tiny
+    attnkit.apply(model, streaming(3, 8))
+    ids, _ = random_batch(model.config.vocab_size, 1, 40)
+    steps = []
+    for mask in (None, torch.ones(1, 1, 1, 40, dtype=torch.bool)):
+        cache = attnkit.make_cache(model)
+        with torch.no_grad():
+            model(input_ids=ids[:, :-1], past_key_values=cache, use_cache=True)
+            steps.append(model(input_ids=ids[:, -1:], attention_mask=mask, past_key_values=cache, use_cache=True).logits)
+    torch.testing.assert_close(steps[1], steps[0], atol=2e-5, rtol=0)

@@ -46,13 +46,6 @@ class _DropInMemoryWarnings(logging.Filter):
         return not str(record.msg).startswith(_IN_MEMORY_WARNINGS)
 
 
-def _decode_cache(model: PreTrainedModel) -> Any | None:
-    """The attnkit decode cache for ``model``, or None when no layer has a decode method (dense models)."""
-    from attnkit.cache import make_cache  # lazy: importing attnkit pulls in every method
-
-    return make_cache(model)
-
-
 def _resolve_device(device: str | None) -> torch.device:
     """The device a checkpoint loaded from disk should run on; like HFLM, fall back to CPU without CUDA."""
     if device and (not device.startswith("cuda") or torch.cuda.is_available()):
@@ -125,7 +118,9 @@ class AttnkitLM(HFLM):
         ``context``: ``[B, S]`` left-padded token ids (``attention_mask`` arrives in ``generation_kwargs``).
         A fresh cache is made per call: a cache holds one batch's keys and values.
         """
-        cache = _decode_cache(self.model)
+        from attnkit.cache import make_cache  # lazy: importing attnkit pulls in every method
+
+        cache = make_cache(self.model)
         if cache is not None:
             generation_kwargs["past_key_values"] = cache
         output = super()._model_generate(context, max_length, stop, **generation_kwargs)

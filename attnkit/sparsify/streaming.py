@@ -46,7 +46,7 @@ class StreamingLLM(FixedPattern):
 
 
 class SinkWindowDecode(DecodeLayer):
-    """Maps the model-level padding mask ``[B, seen + Sq]`` onto the sink + recent keys the cache returned."""
+    """Maps a mask over all seen keys (last dim) onto the sink + recent keys the cache returned."""
 
     method: StreamingLLM
 
@@ -55,4 +55,5 @@ class SinkWindowDecode(DecodeLayer):
             return key_padding_mask
         sink = self.method.sink
         recent = kv_len - sink
-        return torch.cat([key_padding_mask[:, :sink], key_padding_mask[:, key_padding_mask.shape[-1] - recent :]], -1)
+        seen = key_padding_mask.shape[-1]
+        return torch.cat([key_padding_mask[..., :sink], key_padding_mask[..., seen - recent :]], -1)
