@@ -15,10 +15,10 @@ import torch
 
 pytest.importorskip("triton")
 
-from attnkit.kernels import BlockMask, block_sparse_attention  # noqa: E402
-from attnkit.kernels.block_mask import causal_block_matrix, num_blocks  # noqa: E402
-from attnkit.kernels.block_sparse import reference  # noqa: E402
-from attnkit.kernels.block_sparse import triton as tri  # noqa: E402
+from attnkit.kernels import BlockMask, block_sparse_attention
+from attnkit.kernels.block_mask import causal_block_matrix, num_blocks
+from attnkit.kernels.block_sparse import reference
+from attnkit.kernels.block_sparse import triton as tri
 
 CUDA = torch.cuda.is_available()
 DEVICE = "cuda" if CUDA else "cpu"

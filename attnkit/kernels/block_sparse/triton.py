@@ -93,7 +93,7 @@ def _attend_tiles(
 
 @triton.jit
 def _block_sparse_fwd(
-    Q, K, V, O, COUNTS, INDICES, PAD,
+    Q, K, V, OUT, COUNTS, INDICES, PAD,
     stride_qb, stride_qh, stride_qm,
     stride_kb, stride_kh, stride_kn,
     stride_vb, stride_vh, stride_vn,
@@ -155,8 +155,8 @@ def _block_sparse_fwd(
         True, CAUSAL, HAS_PAD, BLOCK_N, MASK_BK, HEAD_DIM, D_PADDED, D_REAL, IEEE,
     )
     out = acc / tl.where(l_i == 0.0, 1.0, l_i)[:, None]
-    o_ptrs = O + b.to(tl.int64) * stride_ob + h.to(tl.int64) * stride_oh + offs_m[:, None] * stride_om + offs_d[None, :]
-    tl.store(o_ptrs, out.to(O.dtype.element_ty), mask=(offs_m[:, None] < sq) & (offs_d[None, :] < D_REAL))
+    o_ptrs = OUT + b.to(tl.int64) * stride_ob + h.to(tl.int64) * stride_oh + offs_m[:, None] * stride_om + offs_d[None, :]
+    tl.store(o_ptrs, out.to(OUT.dtype.element_ty), mask=(offs_m[:, None] < sq) & (offs_d[None, :] < D_REAL))
 
 
 # ------------------------------------------------------------------------------------------------ launcher
