@@ -184,10 +184,11 @@ def run_point(shape: str, batch: int, length: int, block: int, pattern: str, den
 
 # ------------------------------------------------------------------------------------------------------ tuning
 TUNE_CONFIGS = [
-    {"BLOCK_M": bm, "BLOCK_N": bn, "num_warps": w, "num_stages": s}
-    for bm, bn in ((64, 64), (64, 128), (128, 64), (128, 128))
+    {"BLOCK_M": bm, "BLOCK_N": bn, "num_warps": w, "num_stages": s, "USE_TMA": tma}
+    for bm, bn in ((64, 64), (128, 64), (128, 128))
     for w in (4, 8)
     for s in (2, 3, 4)
+    for tma in (False, True)
 ]
 
 
@@ -230,7 +231,7 @@ def tune(args) -> None:
                     t_default = bench_ms(lambda mask=mask: tri.block_sparse_attention(q, k, v, mask))  # noqa: B023
                     print(f"\n{shape} block {block} L {length} density {mask.density():.3f}: "
                           f"default {default} {t_default:.3f} ms", flush=True)
-                    for t, cfg, note in rows[:6]:
+                    for t, cfg, note in rows[:8]:
                         print(f"  {t:8.3f} ms  {cfg} {note}", flush=True)
 
 

@@ -146,8 +146,9 @@ def test_unsupported_inputs_fall_back_or_fail_clearly(monkeypatch):
 
 
 def test_dispatch_forced_backends(monkeypatch):
-    q, k, v = inputs(1, 2, 1, 32, 32, 16, torch.float32)
-    mask = random_block_mask(1, 2, 32, 32, (16, 16), 0.7, seed=11)
+    # Blocks of 64: compiled FlexAttention (the flex backend on CUDA) rejects blocks smaller than its tiles.
+    q, k, v = inputs(1, 2, 1, 130, 130, 16, torch.float32)
+    mask = random_block_mask(1, 2, 130, 130, (64, 64), 0.7, seed=11)
     ref = reference.block_sparse_attention(q, k, v, mask)
     for name in ("reference", "triton", "flex", "auto"):
         monkeypatch.setenv("ATTNKIT_KERNELS", name)

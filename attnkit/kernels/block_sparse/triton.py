@@ -38,34 +38,42 @@ INTERPRET = os.environ.get("TRITON_INTERPRET", "0") == "1"
 @triton.jit
 def _attend_tiles(
     acc, l_i, m_i, q, offs_m, offs_d,
-    k_base, v_base, stride_kn, stride_vn, pad_base, stride_pn,
+    k_base, v_base, stride_kn, stride_vn, desc_k, desc_v, b, h_kv, pad_base, stride_pn,
     idx_row, idx_stride, first, last,
     sk, offset, qk_scale,
-    MASKED: tl.constexpr, CAUSAL: tl.constexpr, HAS_PAD: tl.constexpr,
+    MASKED: tl.constexpr, CAUSAL: tl.constexpr, HAS_PAD: tl.constexpr, USE_TMA: tl.constexpr,
     BLOCK_N: tl.constexpr, MASK_BK: tl.constexpr, HEAD_DIM: tl.constexpr, D_PADDED: tl.constexpr,
     D_REAL: tl.constexpr, IEEE: tl.constexpr,
 ):
-    """Online softmax over list slots ``[first, last)``, each a ``MASK_BK``-wide key block in ``BLOCK_N`` tiles."""
+    """Online softmax over list slots ``[first, last)``, each a ``MASK_BK``-wide key block in ``BLOCK_N`` tiles.
+
+    Scores are kept in the log2 domain (``qk_scale`` includes log2 e). ``m_i`` is the running row max of the scaled
+    scores, ``l_i`` the running row sum of ``exp2(score - m_i)``, ``acc`` the unnormalized output.
+    """
     SUB: tl.constexpr = MASK_BK // BLOCK_N
     offs_n = tl.arange(0, BLOCK_N)
     for it in range(first * SUB, last * SUB):
         kb = tl.load(idx_row + (it // SUB) * idx_stride)
         start_n = kb * MASK_BK + (it % SUB) * BLOCK_N
         cols = start_n + offs_n
-        k_ptrs = k_base + cols[:, None] * stride_kn + offs_d[None, :]
-        v_ptrs = v_base + cols[:, None] * stride_vn + offs_d[None, :]
-        if MASKED or D_PADDED:
-            load_mask = (cols[:, None] < sk) & (offs_d[None, :] < D_REAL)
-            k = tl.load(k_ptrs, mask=load_mask, other=0.0)
-            v = tl.load(v_ptrs, mask=load_mask, other=0.0)
+        if USE_TMA:
+            # The copy engine zero-fills rows past Sk: no load mask, even in the last block.
+            k = desc_k.load([b, h_kv, start_n, 0]).reshape([BLOCK_N, HEAD_DIM])
+            v = desc_v.load([b, h_kv, start_n, 0]).reshape([BLOCK_N, HEAD_DIM])
         else:
-            k = tl.load(k_ptrs)
-            v = tl.load(v_ptrs)
+            k_ptrs = k_base + cols[:, None] * stride_kn + offs_d[None, :]
+            v_ptrs = v_base + cols[:, None] * stride_vn + offs_d[None, :]
+            if MASKED or D_PADDED:
+                load_mask = (cols[:, None] < sk) & (offs_d[None, :] < D_REAL)
+                k = tl.load(k_ptrs, mask=load_mask, other=0.0)
+                v = tl.load(v_ptrs, mask=load_mask, other=0.0)
+            else:
+                k = tl.load(k_ptrs)
+                v = tl.load(v_ptrs)
         if IEEE:
             qk = tl.dot(q, tl.trans(k), input_precision="ieee")
         else:
             qk = tl.dot(q, tl.trans(k))
-        qk = qk * qk_scale
         if MASKED:
             keep = cols[None, :] < sk
             if CAUSAL:
@@ -73,27 +81,30 @@ def _attend_tiles(
             if HAS_PAD:
                 pad = tl.load(pad_base + cols * stride_pn, mask=cols < sk, other=0)
                 keep = keep & (pad[None, :] != 0)
-            qk = tl.where(keep, qk, float("-inf"))
+            qk = tl.where(keep, qk * qk_scale, float("-inf"))
             m_new = tl.maximum(m_i, tl.max(qk, 1))
             # A row with every key masked so far keeps m = -inf; subtract 0 instead (exp2(-inf) = 0, no NaN).
             m_sub = tl.where(m_new == float("-inf"), 0.0, m_new)
+            p = tl.math.exp2(qk - m_sub[:, None])
         else:
-            m_new = tl.maximum(m_i, tl.max(qk, 1))
+            m_new = tl.maximum(m_i, tl.max(qk, 1) * qk_scale)
             m_sub = m_new
-        p = tl.math.exp2(qk - m_sub[:, None])
+            p = tl.math.exp2(qk * qk_scale - m_sub[:, None])  # one FMA per score
         alpha = tl.math.exp2(m_i - m_sub)
         l_i = l_i * alpha + tl.sum(p, 1)
+        acc = acc * alpha[:, None]
+        # Accumulate in place (the tensor cores add into acc's registers).
         if IEEE:
-            acc = acc * alpha[:, None] + tl.dot(p.to(v.dtype), v, input_precision="ieee")
+            acc = tl.dot(p.to(v.dtype), v, acc, input_precision="ieee")
         else:
-            acc = acc * alpha[:, None] + tl.dot(p.to(v.dtype), v)
+            acc = tl.dot(p.to(v.dtype), v, acc)
         m_i = m_new
     return acc, l_i, m_i
 
 
 @triton.jit
 def _block_sparse_fwd(
-    Q, K, V, OUT, COUNTS, INDICES, PAD,
+    Q, K, V, OUT, COUNTS, INDICES, PAD, desc_k, desc_v,
     stride_qb, stride_qh, stride_qm,
     stride_kb, stride_kh, stride_kn,
     stride_vb, stride_vh, stride_vn,
@@ -102,7 +113,7 @@ def _block_sparse_fwd(
     stride_ib, stride_ih, stride_im, stride_is,
     stride_pb, stride_pn,
     num_heads, group, sq, sk, num_m_programs, qk_scale,
-    CAUSAL: tl.constexpr, HAS_PAD: tl.constexpr,
+    CAUSAL: tl.constexpr, HAS_PAD: tl.constexpr, USE_TMA: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, MASK_BQ: tl.constexpr, MASK_BK: tl.constexpr,
     KB_POW2: tl.constexpr, HEAD_DIM: tl.constexpr, D_REAL: tl.constexpr, IEEE: tl.constexpr,
 ):
@@ -145,14 +156,14 @@ def _block_sparse_fwd(
     l_i = tl.zeros([BLOCK_M], dtype=tl.float32)
     acc = tl.zeros([BLOCK_M, HEAD_DIM], dtype=tl.float32)
     acc, l_i, m_i = _attend_tiles(
-        acc, l_i, m_i, q, offs_m, offs_d, k_base, v_base, stride_kn, stride_vn, pad_base, stride_pn,
-        idx_row, stride_is, 0, n_plain, sk, offset, qk_scale,
-        False, CAUSAL, HAS_PAD, BLOCK_N, MASK_BK, HEAD_DIM, D_PADDED, D_REAL, IEEE,
+        acc, l_i, m_i, q, offs_m, offs_d, k_base, v_base, stride_kn, stride_vn, desc_k, desc_v, b, h_kv,
+        pad_base, stride_pn, idx_row, stride_is, 0, n_plain, sk, offset, qk_scale,
+        False, CAUSAL, HAS_PAD, USE_TMA, BLOCK_N, MASK_BK, HEAD_DIM, D_PADDED, D_REAL, IEEE,
     )
     acc, l_i, m_i = _attend_tiles(
-        acc, l_i, m_i, q, offs_m, offs_d, k_base, v_base, stride_kn, stride_vn, pad_base, stride_pn,
-        idx_row, stride_is, n_plain, count, sk, offset, qk_scale,
-        True, CAUSAL, HAS_PAD, BLOCK_N, MASK_BK, HEAD_DIM, D_PADDED, D_REAL, IEEE,
+        acc, l_i, m_i, q, offs_m, offs_d, k_base, v_base, stride_kn, stride_vn, desc_k, desc_v, b, h_kv,
+        pad_base, stride_pn, idx_row, stride_is, n_plain, count, sk, offset, qk_scale,
+        True, CAUSAL, HAS_PAD, USE_TMA, BLOCK_N, MASK_BK, HEAD_DIM, D_PADDED, D_REAL, IEEE,
     )
     out = acc / tl.where(l_i == 0.0, 1.0, l_i)[:, None]
     o_ptrs = OUT + b.to(tl.int64) * stride_ob + h.to(tl.int64) * stride_oh + offs_m[:, None] * stride_om + offs_d[None, :]
@@ -162,6 +173,13 @@ def _block_sparse_fwd(
 # ------------------------------------------------------------------------------------------------ launcher
 def _is_pow2(x: int) -> bool:
     return x > 0 and x & (x - 1) == 0
+
+
+def _tma_ok(k: torch.Tensor, v: torch.Tensor, dim: int, head_dim: int) -> bool:
+    """The bulk tensor copy engine (Hopper and newer) needs 16-byte aligned strides and an unpadded head_dim."""
+    if INTERPRET or not k.is_cuda or torch.cuda.get_device_capability(k.device)[0] < 9 or dim != head_dim:
+        return False
+    return all(t.data_ptr() % 16 == 0 and all(s * t.element_size() % 16 == 0 for s in t.stride()[:-1]) for t in (k, v))
 
 
 def supports(q: torch.Tensor, block_mask: BlockMask) -> str | None:
@@ -240,17 +258,27 @@ def block_sparse_attention(
     else:
         pad, pad_strides = counts, (0, 0)  # never read (HAS_PAD is False)
 
+    head_dim = max(16, triton.next_power_of_2(dim))
+    use_tma = bool(cfg.get("USE_TMA", False)) and _tma_ok(k, v, dim, head_dim)
+    if use_tma:
+        from triton.tools.tensor_descriptor import TensorDescriptor
+
+        desc_k = TensorDescriptor.from_tensor(k, [1, 1, block_n, head_dim])
+        desc_v = TensorDescriptor.from_tensor(v, [1, 1, block_n, head_dim])
+    else:
+        desc_k = desc_v = None
+
     num_m = triton.cdiv(sq, block_m)
     grid = (num_m, batch * hq)
     _block_sparse_fwd[grid](
-        q, k, v, out, counts, indices, pad,
+        q, k, v, out, counts, indices, pad, desc_k, desc_v,
         *q.stride()[:3], *k.stride()[:3], *v.stride()[:3], *out.stride()[:3],
         *cs, *ids, *pad_strides,
         hq, hq // hkv, sq, sk, num_m, (dim**-0.5 if scale is None else scale) * _LOG2E,
-        CAUSAL=causal, HAS_PAD=key_padding_mask is not None,
+        CAUSAL=causal, HAS_PAD=key_padding_mask is not None, USE_TMA=use_tma,
         BLOCK_M=block_m, BLOCK_N=block_n, MASK_BQ=bq, MASK_BK=bk,
         KB_POW2=triton.next_power_of_2(indices.shape[-1]),
-        HEAD_DIM=max(16, triton.next_power_of_2(dim)), D_REAL=dim, IEEE=q.dtype == torch.float32,
+        HEAD_DIM=head_dim, D_REAL=dim, IEEE=q.dtype == torch.float32,
         **{key: val for key, val in cfg.items() if key in ("num_warps", "num_stages")},
     )
     return out
