@@ -224,6 +224,12 @@ def tune(args) -> None:
                 q = torch.randn(1, hq, length, dim, device="cuda", dtype=torch.bfloat16)
                 k = torch.randn(1, hkv, length, dim, device="cuda", dtype=torch.bfloat16)
                 v = torch.randn(1, hkv, length, dim, device="cuda", dtype=torch.bfloat16)
+                dense_ms = bench_ms(
+                    lambda q=q, k=k, v=v: torch.nn.functional.scaled_dot_product_attention(
+                        q, k, v, is_causal=True, enable_gqa=True
+                    )
+                )
+                print(f"\n{shape} L {length}: dense SDPA {dense_ms:.3f} ms", flush=True)
                 for density in args.densities:
                     mask = make_mask("structured", length, hq, block, density, 0, "cuda")
                     rows = tune_point(q, k, v, mask)
