@@ -192,14 +192,14 @@ TUNE_CONFIGS = [
 ]
 
 
-def tune_point(q, k, v, mask: BlockMask) -> list[tuple[float, dict, str]]:
+def tune_point(q, k, v, mask: BlockMask, configs: list[dict]) -> list[tuple[float, dict, str]]:
     """Every applicable tile config on one input: ``(median ms, config, note)``, fastest first."""
     from attnkit.kernels.block_sparse import triton as tri
 
     block = mask.block_size[0]
     expect = tri.block_sparse_attention(q, k, v, mask)
     rows = []
-    for cfg in TUNE_CONFIGS:
+    for cfg in configs:
         if block % cfg["BLOCK_M"] or block % cfg["BLOCK_N"]:
             continue
         try:
@@ -232,7 +232,7 @@ def tune(args) -> None:
                 print(f"\n{shape} L {length}: dense SDPA {dense_ms:.3f} ms", flush=True)
                 for density in args.densities:
                     mask = make_mask("structured", length, hq, block, density, 0, "cuda")
-                    rows = tune_point(q, k, v, mask)
+                    rows = tune_point(q, k, v, mask, args.configs or TUNE_CONFIGS)
                     default = tri.default_config(dim, (block, block), torch.bfloat16)
                     t_default = bench_ms(lambda mask=mask: tri.block_sparse_attention(q, k, v, mask))  # noqa: B023
                     print(f"\n{shape} block {block} L {length} density {mask.density():.3f}: "
@@ -347,6 +347,7 @@ def main(argv: list[str] | None = None) -> None:
     ap.add_argument("--max-err", type=float, default=2e-2, help="relative L2 error that fails the check")
     ap.add_argument("--quick", action="store_true", help="32k and 64k, densities 0.05/0.2/1.0, llama3-8b only")
     ap.add_argument("--tune", action="store_true", help="sweep the kernel's tile configs instead")
+    ap.add_argument("--configs", type=json.loads, default=None, help="--tune: a JSON list of configs to try")
     ap.add_argument("--out", default="runs/bench", help="folder for attention.json")
     ap.add_argument("--plot", metavar="JSON", help="only draw the plot of a saved run")
     args = ap.parse_args(argv)

@@ -42,8 +42,8 @@ def _attend_tiles(
     idx_row, idx_stride, first, last,
     sk, offset, qk_scale,
     MASKED: tl.constexpr, CAUSAL: tl.constexpr, HAS_PAD: tl.constexpr, USE_TMA: tl.constexpr,
-    BLOCK_N: tl.constexpr, MASK_BK: tl.constexpr, HEAD_DIM: tl.constexpr, D_PADDED: tl.constexpr,
-    D_REAL: tl.constexpr, IEEE: tl.constexpr,
+    WARP_SPEC: tl.constexpr, BLOCK_N: tl.constexpr, MASK_BK: tl.constexpr, HEAD_DIM: tl.constexpr,
+    D_PADDED: tl.constexpr, D_REAL: tl.constexpr, IEEE: tl.constexpr,
 ):
     """Online softmax over list slots ``[first, last)``, each a ``MASK_BK``-wide key block in ``BLOCK_N`` tiles.
 
@@ -52,7 +52,7 @@ def _attend_tiles(
     """
     SUB: tl.constexpr = MASK_BK // BLOCK_N
     offs_n = tl.arange(0, BLOCK_N)
-    for it in range(first * SUB, last * SUB):
+    for it in tl.range(first * SUB, last * SUB, warp_specialize=WARP_SPEC):
         kb = tl.load(idx_row + (it // SUB) * idx_stride)
         start_n = kb * MASK_BK + (it % SUB) * BLOCK_N
         cols = start_n + offs_n
@@ -113,7 +113,7 @@ def _block_sparse_fwd(
     stride_ib, stride_ih, stride_im, stride_is,
     stride_pb, stride_pn,
     num_heads, group, sq, sk, num_m_programs, qk_scale,
-    CAUSAL: tl.constexpr, HAS_PAD: tl.constexpr, USE_TMA: tl.constexpr,
+    CAUSAL: tl.constexpr, HAS_PAD: tl.constexpr, USE_TMA: tl.constexpr, WARP_SPEC: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, MASK_BQ: tl.constexpr, MASK_BK: tl.constexpr,
     KB_POW2: tl.constexpr, HEAD_DIM: tl.constexpr, D_REAL: tl.constexpr, IEEE: tl.constexpr,
 ):
@@ -158,12 +158,12 @@ def _block_sparse_fwd(
     acc, l_i, m_i = _attend_tiles(
         acc, l_i, m_i, q, offs_m, offs_d, k_base, v_base, stride_kn, stride_vn, desc_k, desc_v, b, h_kv,
         pad_base, stride_pn, idx_row, stride_is, 0, n_plain, sk, offset, qk_scale,
-        False, CAUSAL, HAS_PAD, USE_TMA, BLOCK_N, MASK_BK, HEAD_DIM, D_PADDED, D_REAL, IEEE,
+        False, CAUSAL, HAS_PAD, USE_TMA, WARP_SPEC, BLOCK_N, MASK_BK, HEAD_DIM, D_PADDED, D_REAL, IEEE,
     )
     acc, l_i, m_i = _attend_tiles(
         acc, l_i, m_i, q, offs_m, offs_d, k_base, v_base, stride_kn, stride_vn, desc_k, desc_v, b, h_kv,
         pad_base, stride_pn, idx_row, stride_is, n_plain, count, sk, offset, qk_scale,
-        True, CAUSAL, HAS_PAD, USE_TMA, BLOCK_N, MASK_BK, HEAD_DIM, D_PADDED, D_REAL, IEEE,
+        True, CAUSAL, HAS_PAD, USE_TMA, WARP_SPEC, BLOCK_N, MASK_BK, HEAD_DIM, D_PADDED, D_REAL, IEEE,
     )
     out = acc / tl.where(l_i == 0.0, 1.0, l_i)[:, None]
     o_ptrs = OUT + b.to(tl.int64) * stride_ob + h.to(tl.int64) * stride_oh + offs_m[:, None] * stride_om + offs_d[None, :]
@@ -197,15 +197,21 @@ def supports(q: torch.Tensor, block_mask: BlockMask) -> str | None:
 
 
 def default_config(head_dim: int, block_size: tuple[int, int], dtype: torch.dtype) -> dict:
-    """Tile sizes and launch settings; measured on an H100 (``python -m benchmarks.attention --tune``)."""
+    """Tile sizes and launch settings, measured on an H100 (``python -m benchmarks.attention --tune``).
+
+    ``BLOCK_M`` query rows per program, ``BLOCK_N`` keys per tile (both divide the mask's blocks), ``USE_TMA``
+    loads K/V with the bulk tensor copy engine where the hardware and strides allow it.
+    """
     bq, bk = block_size
     block_m = min(bq, 128 if head_dim <= 128 else 64)
-    block_n = min(bk, 64 if head_dim > 64 else 128)
+    block_n = min(bk, 128 if head_dim <= 128 else 64)
     if dtype == torch.float32:  # fp32 tiles take twice the registers and shared memory
         block_m, block_n = min(block_m, 64), min(block_n, 32)
     if INTERPRET:
         return {"BLOCK_M": block_m, "BLOCK_N": block_n}
-    return {"BLOCK_M": block_m, "BLOCK_N": block_n, "num_warps": 8 if block_m >= 128 else 4, "num_stages": 3}
+    if block_m >= 128:  # two warpgroups of 64 rows each
+        return {"BLOCK_M": block_m, "BLOCK_N": block_n, "num_warps": 8, "num_stages": 3, "USE_TMA": True}
+    return {"BLOCK_M": block_m, "BLOCK_N": block_n, "num_warps": 4, "num_stages": 2, "USE_TMA": True}
 
 
 def block_sparse_attention(
@@ -276,6 +282,7 @@ def block_sparse_attention(
         *cs, *ids, *pad_strides,
         hq, hq // hkv, sq, sk, num_m, (dim**-0.5 if scale is None else scale) * _LOG2E,
         CAUSAL=causal, HAS_PAD=key_padding_mask is not None, USE_TMA=use_tma,
+        WARP_SPEC=use_tma and bool(cfg.get("WARP_SPEC", False)),
         BLOCK_M=block_m, BLOCK_N=block_n, MASK_BQ=bq, MASK_BK=bk,
         KB_POW2=triton.next_power_of_2(indices.shape[-1]),
         HEAD_DIM=head_dim, D_REAL=dim, IEEE=q.dtype == torch.float32,
