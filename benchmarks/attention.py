@@ -20,6 +20,7 @@ from __future__ import annotations
 import argparse
 import json
 import math
+import os
 import subprocess
 import sys
 import time
@@ -286,10 +287,13 @@ def environment() -> dict:
     import transformers
     import triton
 
-    try:
-        commit = subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True).stdout.strip()
-    except OSError:
-        commit = "unknown"
+    # The device tool ships a copy of the work tree whose .git may lag: the caller can name the commit.
+    commit = os.environ.get("ATTNKIT_COMMIT", "")
+    if not commit:
+        try:
+            commit = subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True).stdout.strip()
+        except OSError:
+            commit = "unknown"
     return {
         "device": torch.cuda.get_device_name(),
         "torch": torch.__version__,

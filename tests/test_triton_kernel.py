@@ -115,6 +115,16 @@ def test_kernel_reads_strided_views_in_place(nan_empty):
     check(q, k, v, random_block_mask(b, hq, s, s, (16, 16), 0.7, seed=8))
 
 
+@pytest.mark.parametrize("density", [0.6, 1.0])
+def test_blocks_listed_above_the_diagonal(density, nan_empty):
+    """Lists may name blocks no query can see (masks not trimmed to the causal triangle): they must be masked."""
+    b, hq, s, d, bs = 1, 2, 100, 16, (16, 16)
+    q, k, v = inputs(b, hq, 1, s, s, d, torch.float32, seed=12)
+    g = torch.Generator().manual_seed(13)
+    blocks = torch.rand(b, hq, num_blocks(s, 16), num_blocks(s, 16), generator=g) < density
+    check(q, k, v, BlockMask.from_dense(blocks, s, s, bs).to(DEVICE))
+
+
 def test_kernel_long_odd_length(nan_empty):
     """1025 tokens: 17 query blocks of 64, the last one a single row."""
     q, k, v = inputs(1, 7, 1, 1025, 1025, 64, torch.float16, seed=9)
