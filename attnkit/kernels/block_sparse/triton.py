@@ -115,7 +115,7 @@ def _block_sparse_fwd(
     num_heads, group, sq, sk, num_m_programs, qk_scale,
     CAUSAL: tl.constexpr, HAS_PAD: tl.constexpr, USE_TMA: tl.constexpr, WARP_SPEC: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, MASK_BQ: tl.constexpr, MASK_BK: tl.constexpr,
-    KB_POW2: tl.constexpr, TAIL: tl.constexpr, HEAD_DIM: tl.constexpr, D_REAL: tl.constexpr, IEEE: tl.constexpr,
+    KB_POW2: tl.constexpr, TAIL: tl.constexpr, TAIL_SCAN: tl.constexpr, HEAD_DIM: tl.constexpr, D_REAL: tl.constexpr, IEEE: tl.constexpr,
 ):
     # Late query tiles see the most keys under a causal mask: launch them first so the tail of the grid is short.
     pid_m = num_m_programs - 1 - tl.program_id(0)
@@ -145,7 +145,7 @@ def _block_sparse_fwd(
         last_full = tl.minimum(last_full, (start_m + offset + 1) // MASK_BK - 1)
     if HAS_PAD:
         n_plain = 0
-    else:
+    elif TAIL_SCAN:
         tail = tl.arange(0, TAIL)
         tail_slots = count - TAIL + tail
         listed = tl.load(idx_row + tail_slots * stride_is, mask=tail_slots >= 0, other=-1)
@@ -155,6 +155,10 @@ def _block_sparse_fwd(
             slots = tl.arange(0, KB_POW2)
             listed_all = tl.load(idx_row + slots * stride_is, mask=slots < count, other=2**30)
             n_plain = tl.sum((listed_all <= last_full).to(tl.int32), 0)
+    else:
+        slots = tl.arange(0, KB_POW2)
+        listed_all = tl.load(idx_row + slots * stride_is, mask=slots < count, other=2**30)
+        n_plain = tl.sum((listed_all <= last_full).to(tl.int32), 0)
 
     k_base = K + b.to(tl.int64) * stride_kb + h_kv.to(tl.int64) * stride_kh
     v_base = V + b.to(tl.int64) * stride_vb + h_kv.to(tl.int64) * stride_vh
@@ -293,7 +297,7 @@ def block_sparse_attention(
         WARP_SPEC=use_tma and bool(cfg.get("WARP_SPEC", False)),
         BLOCK_M=block_m, BLOCK_N=block_n, MASK_BQ=bq, MASK_BK=bk,
         KB_POW2=triton.next_power_of_2(indices.shape[-1]),
-        TAIL=max(2, triton.next_power_of_2(triton.cdiv(block_m, bk) + 2)),
+        TAIL=max(2, triton.next_power_of_2(triton.cdiv(block_m, bk) + 2)), TAIL_SCAN=cfg.get("TAIL_SCAN", True),
         HEAD_DIM=head_dim, D_REAL=dim, IEEE=q.dtype == torch.float32,
         **{key: val for key, val in cfg.items() if key in ("num_warps", "num_stages")},
     )
