@@ -37,4 +37,7 @@ def block_sparse_attention(
     if flex_mask is None:
         flex_mask = block_mask.expand(q.shape[0], q.shape[1]).to_flex(key_padding_mask=key_padding_mask, causal=causal)
     fn = _compiled_flex() if q.is_cuda else flex_attention
-    return fn(q, k, v, block_mask=flex_mask, scale=scale, enable_gqa=q.shape[1] != k.shape[1])
+    # Its fused kernel's tiles (128 by default) must divide the mask's blocks.
+    bq, bk = block_mask.block_size
+    options = {"BLOCK_M": min(bq, 128), "BLOCK_N": min(bk, 128)} if q.is_cuda and min(bq, bk) < 128 else None
+    return fn(q, k, v, block_mask=flex_mask, scale=scale, enable_gqa=q.shape[1] != k.shape[1], kernel_options=options)

@@ -115,7 +115,7 @@ def _block_sparse_fwd(
     num_heads, group, sq, sk, num_m_programs, qk_scale,
     CAUSAL: tl.constexpr, HAS_PAD: tl.constexpr, USE_TMA: tl.constexpr, WARP_SPEC: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, MASK_BQ: tl.constexpr, MASK_BK: tl.constexpr,
-    KB_POW2: tl.constexpr, TAIL: tl.constexpr, TAIL_SCAN: tl.constexpr, HEAD_DIM: tl.constexpr, D_REAL: tl.constexpr, IEEE: tl.constexpr,
+    KB_POW2: tl.constexpr, HEAD_DIM: tl.constexpr, D_REAL: tl.constexpr, IEEE: tl.constexpr,
 ):
     # Late query tiles see the most keys under a causal mask: launch them first so the tail of the grid is short.
     pid_m = num_m_programs - 1 - tl.program_id(0)
@@ -138,27 +138,17 @@ def _block_sparse_fwd(
 
     # Slots [0, n_plain) hold key blocks that need no element mask: wholly at or before the first row's position
     # (hence visible to every row of this tile) and wholly inside the keys. The list is sorted, so the masked
-    # blocks are a suffix; in a causal mask it is a few diagonal blocks, found in the last TAIL slots. A longer
-    # suffix (blocks listed above the diagonal) takes a scan of the whole list.
+    # blocks are a suffix. (Counting them from the list's last few slots instead of the whole list measured 5 %
+    # slower on an H100: the extra branch costs the main loop more than the scan.)
     last_full = sk // MASK_BK - 1
     if CAUSAL:
         last_full = tl.minimum(last_full, (start_m + offset + 1) // MASK_BK - 1)
     if HAS_PAD:
         n_plain = 0
-    elif TAIL_SCAN:
-        tail = tl.arange(0, TAIL)
-        tail_slots = count - TAIL + tail
-        listed = tl.load(idx_row + tail_slots * stride_is, mask=tail_slots >= 0, other=-1)
-        n_masked = tl.sum((listed > last_full).to(tl.int32), 0)
-        n_plain = count - n_masked
-        if n_masked == TAIL:
-            slots = tl.arange(0, KB_POW2)
-            listed_all = tl.load(idx_row + slots * stride_is, mask=slots < count, other=2**30)
-            n_plain = tl.sum((listed_all <= last_full).to(tl.int32), 0)
     else:
         slots = tl.arange(0, KB_POW2)
-        listed_all = tl.load(idx_row + slots * stride_is, mask=slots < count, other=2**30)
-        n_plain = tl.sum((listed_all <= last_full).to(tl.int32), 0)
+        listed = tl.load(idx_row + slots * stride_is, mask=slots < count, other=2**30)
+        n_plain = tl.sum((listed <= last_full).to(tl.int32), 0)
 
     k_base = K + b.to(tl.int64) * stride_kb + h_kv.to(tl.int64) * stride_kh
     v_base = V + b.to(tl.int64) * stride_vb + h_kv.to(tl.int64) * stride_vh
@@ -297,7 +287,6 @@ def block_sparse_attention(
         WARP_SPEC=use_tma and bool(cfg.get("WARP_SPEC", False)),
         BLOCK_M=block_m, BLOCK_N=block_n, MASK_BQ=bq, MASK_BK=bk,
         KB_POW2=triton.next_power_of_2(indices.shape[-1]),
-        TAIL=max(2, triton.next_power_of_2(triton.cdiv(block_m, bk) + 2)), TAIL_SCAN=cfg.get("TAIL_SCAN", True),
         HEAD_DIM=head_dim, D_REAL=dim, IEEE=q.dtype == torch.float32,
         **{key: val for key, val in cfg.items() if key in ("num_warps", "num_stages")},
     )
