@@ -265,6 +265,31 @@ def table(points: list[Point]) -> str:
     return "\n".join(lines)
 
 
+def markdown(json_path: Path) -> str:
+    """A saved run as a markdown table (for benchmarks/RESULTS.md)."""
+    data = json.loads(json_path.read_text())
+    env = data["env"]
+    lines = [
+        f"{env['device']}, torch {env['torch']}, triton {env['triton']}, {env['date']}, commit {env['commit']}: "
+        f"`{env['command']}`",
+        "",
+        "| shape | length | block | pattern | density | ideal | dense SDPA ms | flex ms | attnkit ms | vs dense "
+        "| of ideal | vs flex | TFLOP/s | peak MB dense/flex/attnkit | check (rel err) |",
+        "|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|",
+    ]
+    for p in (Point(**x) for x in data["points"]):
+        flex_ms = f"{p.flex_ms:.3f}" if p.flex_ms is not None else "-"
+        vs_flex = f"{p.speedup_vs_flex:.2f}x" if p.speedup_vs_flex is not None else "-"
+        fpk = f"{p.flex_peak_mb:.0f}" if p.flex_peak_mb is not None else "-"
+        lines.append(
+            f"| {p.shape} | {p.length // 1024}K | {p.block} | {p.pattern} | {p.density:.3f} | {p.ideal_speedup:.1f}x "
+            f"| {p.dense_ms:.3f} | {flex_ms} | {p.attnkit_ms:.3f} | {p.speedup_vs_dense:.2f}x | {p.fraction_of_ideal:.0%} "
+            f"| {vs_flex} | {p.attnkit_tflops:.0f} | {p.dense_peak_mb:.0f}/{fpk}/{p.attnkit_peak_mb:.0f} "
+            f"| {p.check} {p.check_err:.1e} |"
+        )
+    return "\n".join(lines)
+
+
 def targets(points: list[Point]) -> str:
     """The issue's targets, checked on the measured points (Llama-3-8B shape)."""
     out = []
@@ -358,9 +383,13 @@ def main(argv: list[str] | None = None) -> None:
     ap.add_argument("--configs", type=json.loads, default=None, help="--tune: a JSON list of configs to try")
     ap.add_argument("--out", default="runs/bench", help="folder for attention.json")
     ap.add_argument("--plot", metavar="JSON", help="only draw the plot of a saved run")
+    ap.add_argument("--markdown", metavar="JSON", help="only print a saved run as a markdown table")
     args = ap.parse_args(argv)
     if args.plot:
         print(plot(Path(args.plot)))
+        return
+    if args.markdown:
+        print(markdown(Path(args.markdown)))
         return
     if not torch.cuda.is_available():
         raise SystemExit("benchmarks.attention times GPU kernels: no CUDA device here")

@@ -177,6 +177,11 @@ def _is_pow2(x: int) -> bool:
     return x > 0 and x & (x - 1) == 0
 
 
+def _next_pow2(x: int) -> int:
+    # Plain Python: triton.next_power_of_2 is a jit function, ~10 us per call from the host.
+    return 1 << max(0, x - 1).bit_length()
+
+
 def _tma_ok(k: torch.Tensor, v: torch.Tensor, dim: int, head_dim: int) -> bool:
     """The bulk tensor copy engine (Hopper and newer) needs 16-byte aligned strides and an unpadded head_dim."""
     if INTERPRET or not k.is_cuda or torch.cuda.get_device_capability(k.device)[0] < 9 or dim != head_dim:
@@ -266,7 +271,7 @@ def block_sparse_attention(
     else:
         pad, pad_strides = counts, (0, 0)  # never read (HAS_PAD is False)
 
-    head_dim = max(16, triton.next_power_of_2(dim))
+    head_dim = max(16, _next_pow2(dim))
     use_tma = bool(cfg.get("USE_TMA", False)) and _tma_ok(k, v, dim, head_dim)
     if use_tma:
         from triton.tools.tensor_descriptor import TensorDescriptor
@@ -276,7 +281,7 @@ def block_sparse_attention(
     else:
         desc_k = desc_v = None
 
-    num_m = triton.cdiv(sq, block_m)
+    num_m = -(-sq // block_m)
     grid = (num_m, batch * hq)
     _block_sparse_fwd[grid](
         q, k, v, out, counts, indices, pad, desc_k, desc_v,
@@ -286,7 +291,7 @@ def block_sparse_attention(
         CAUSAL=causal, HAS_PAD=key_padding_mask is not None, USE_TMA=use_tma,
         WARP_SPEC=use_tma and bool(cfg.get("WARP_SPEC", False)),
         BLOCK_M=block_m, BLOCK_N=block_n, MASK_BQ=bq, MASK_BK=bk,
-        KB_POW2=triton.next_power_of_2(indices.shape[-1]),
+        KB_POW2=_next_pow2(indices.shape[-1]),
         HEAD_DIM=head_dim, D_REAL=dim, IEEE=q.dtype == torch.float32,
         **{key: val for key, val in cfg.items() if key in ("num_warps", "num_stages")},
     )
