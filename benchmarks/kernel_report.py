@@ -26,7 +26,7 @@ DEFAULT_CONFIGS = [
     {"BLOCK_M": 128, "BLOCK_N": 128, "num_warps": 8, "num_stages": 3, "USE_TMA": False},
     {"BLOCK_M": 64, "BLOCK_N": 64, "num_warps": 4, "num_stages": 2, "USE_TMA": True},
 ]
-_CONSTEXPRS = ("CAUSAL", "HAS_PAD", "USE_TMA", "WARP_SPEC", "BLOCK_M", "BLOCK_N", "MASK_BQ", "MASK_BK", "KB_POW2",
+_CONSTEXPRS = ("CAUSAL", "HAS_PAD", "USE_TMA", "WARP_SPEC", "LARGE_INDEX", "BLOCK_M", "BLOCK_N", "MASK_BQ", "MASK_BK", "KB_POW2",
                "HEAD_DIM", "D_REAL", "IEEE")
 
 
@@ -37,6 +37,7 @@ def compile_kernel(cfg: dict, head_dim: int, mask_block: int, dtype: str, arch: 
     names = fn.arg_names
     consts = {
         "CAUSAL": True, "HAS_PAD": False, "USE_TMA": bool(cfg.get("USE_TMA")), "WARP_SPEC": bool(cfg.get("WARP_SPEC")),
+        "LARGE_INDEX": bool(cfg.get("LARGE_INDEX")),
         "BLOCK_M": cfg["BLOCK_M"], "BLOCK_N": cfg["BLOCK_N"], "MASK_BQ": mask_block, "MASK_BK": mask_block,
         "KB_POW2": kb_pow2, "HEAD_DIM": head_dim, "D_REAL": head_dim, "IEEE": False,
     }

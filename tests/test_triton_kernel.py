@@ -125,6 +125,13 @@ def test_blocks_listed_above_the_diagonal(density, nan_empty):
     check(q, k, v, BlockMask.from_dense(blocks, s, s, bs).to(DEVICE))
 
 
+def test_very_long_block_list_is_scanned_in_chunks(nan_empty):
+    """More than 2048 key blocks (here 2063 blocks of 16): the kernel counts the unmasked prefix chunk by chunk."""
+    sq, sk = 40, 33_000
+    q, k, v = inputs(1, 2, 1, sq, sk, 16, torch.float32, seed=14)
+    check(q, k, v, random_block_mask(1, 2, sq, sk, (16, 16), 0.01, seed=15))
+
+
 def test_kernel_long_odd_length(nan_empty):
     """1025 tokens: 17 query blocks of 64, the last one a single row."""
     q, k, v = inputs(1, 7, 1, 1025, 1025, 64, torch.float16, seed=9)
@@ -139,6 +146,16 @@ def test_tile_config_must_divide_blocks():
     # A smaller tile than the mask's block is fine: two programs share one query block's list.
     out = tri.block_sparse_attention(q, k, v, mask, config={"BLOCK_M": 16, "BLOCK_N": 16})
     torch.testing.assert_close(out, reference.block_sparse_attention(q, k, v, mask), atol=2e-5, rtol=0)
+
+
+def test_int64_offsets_variant(nan_empty):
+    """The int64-offset kernel (chosen automatically past ~512K tokens) computes the same thing."""
+    q, k, v = inputs(2, 4, 2, 97, 130, 16, torch.float16, seed=16)
+    mask = random_block_mask(2, 4, 97, 130, (16, 16), 0.5, seed=17)
+    out = tri.block_sparse_attention(q, k, v, mask, config={"LARGE_INDEX": True})
+    torch.testing.assert_close(out, tri.block_sparse_attention(q, k, v, mask), atol=0, rtol=0)
+    huge = torch.empty(1, 2**20, 32, 128, device="meta").transpose(1, 2)  # 1M tokens of [B, S, H, D]
+    assert not tri._needs_int64(q, k, v) and tri._needs_int64(huge)
 
 
 def test_unsupported_inputs_fall_back_or_fail_clearly(monkeypatch):

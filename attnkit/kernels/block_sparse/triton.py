@@ -42,8 +42,8 @@ def _attend_tiles(
     idx_row, idx_stride, first, last,
     sk, offset, qk_scale,
     MASKED: tl.constexpr, CAUSAL: tl.constexpr, HAS_PAD: tl.constexpr, USE_TMA: tl.constexpr,
-    WARP_SPEC: tl.constexpr, BLOCK_N: tl.constexpr, MASK_BK: tl.constexpr, HEAD_DIM: tl.constexpr,
-    D_PADDED: tl.constexpr, D_REAL: tl.constexpr, IEEE: tl.constexpr,
+    WARP_SPEC: tl.constexpr, LARGE_INDEX: tl.constexpr, BLOCK_N: tl.constexpr, MASK_BK: tl.constexpr,
+    HEAD_DIM: tl.constexpr, D_PADDED: tl.constexpr, D_REAL: tl.constexpr, IEEE: tl.constexpr,
 ):
     """Online softmax over list slots ``[first, last)``, each a ``MASK_BK``-wide key block in ``BLOCK_N`` tiles.
 
@@ -61,8 +61,12 @@ def _attend_tiles(
             k = desc_k.load([b, h_kv, start_n, 0]).reshape([BLOCK_N, HEAD_DIM])
             v = desc_v.load([b, h_kv, start_n, 0]).reshape([BLOCK_N, HEAD_DIM])
         else:
-            k_ptrs = k_base + cols[:, None] * stride_kn + offs_d[None, :]
-            v_ptrs = v_base + cols[:, None] * stride_vn + offs_d[None, :]
+            if LARGE_INDEX:
+                k_ptrs = k_base + cols.to(tl.int64)[:, None] * stride_kn + offs_d[None, :]
+                v_ptrs = v_base + cols.to(tl.int64)[:, None] * stride_vn + offs_d[None, :]
+            else:
+                k_ptrs = k_base + cols[:, None] * stride_kn + offs_d[None, :]
+                v_ptrs = v_base + cols[:, None] * stride_vn + offs_d[None, :]
             if MASKED or D_PADDED:
                 load_mask = (cols[:, None] < sk) & (offs_d[None, :] < D_REAL)
                 k = tl.load(k_ptrs, mask=load_mask, other=0.0)
@@ -114,7 +118,7 @@ def _block_sparse_fwd(
     stride_pb, stride_pn,
     num_heads, group, sq, sk, num_m_programs, qk_scale,
     CAUSAL: tl.constexpr, HAS_PAD: tl.constexpr, USE_TMA: tl.constexpr, WARP_SPEC: tl.constexpr,
-    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, MASK_BQ: tl.constexpr, MASK_BK: tl.constexpr,
+    LARGE_INDEX: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, MASK_BQ: tl.constexpr, MASK_BK: tl.constexpr,
     KB_POW2: tl.constexpr, HEAD_DIM: tl.constexpr, D_REAL: tl.constexpr, IEEE: tl.constexpr,
 ):
     # Late query tiles see the most keys under a causal mask: launch them first so the tail of the grid is short.
@@ -129,7 +133,11 @@ def _block_sparse_fwd(
     start_m = pid_m * BLOCK_M
     offs_m = start_m + tl.arange(0, BLOCK_M)
     offs_d = tl.arange(0, HEAD_DIM)
-    q_ptrs = Q + b.to(tl.int64) * stride_qb + h.to(tl.int64) * stride_qh + offs_m[:, None] * stride_qm + offs_d[None, :]
+    if LARGE_INDEX:  # row * stride can pass 2**31 (~512K tokens in a [B, S, H, D] layout): int64 offsets
+        q_rows = offs_m.to(tl.int64)[:, None] * stride_qm
+    else:  # int32 offsets: the measured kernel (int64 ones spill registers in the 128x128 config)
+        q_rows = offs_m[:, None] * stride_qm
+    q_ptrs = Q + b.to(tl.int64) * stride_qb + h.to(tl.int64) * stride_qh + q_rows + offs_d[None, :]
     q = tl.load(q_ptrs, mask=(offs_m[:, None] < sq) & (offs_d[None, :] < D_REAL), other=0.0)
 
     qblock = start_m // MASK_BQ
@@ -145,10 +153,16 @@ def _block_sparse_fwd(
         last_full = tl.minimum(last_full, (start_m + offset + 1) // MASK_BK - 1)
     if HAS_PAD:
         n_plain = 0
-    else:
+    elif KB_POW2 <= 2048:  # one vector load of the whole list (every length measured so far takes this path)
         slots = tl.arange(0, KB_POW2)
         listed = tl.load(idx_row + slots * stride_is, mask=slots < count, other=2**30)
         n_plain = tl.sum((listed <= last_full).to(tl.int32), 0)
+    else:  # very long lists: scan in chunks so the vector stays in registers
+        n_plain = 0
+        slots = tl.arange(0, 2048)
+        for c in range(0, count, 2048):
+            listed = tl.load(idx_row + (c + slots) * stride_is, mask=c + slots < count, other=2**30)
+            n_plain += tl.sum((listed <= last_full).to(tl.int32), 0)
 
     k_base = K + b.to(tl.int64) * stride_kb + h_kv.to(tl.int64) * stride_kh
     v_base = V + b.to(tl.int64) * stride_vb + h_kv.to(tl.int64) * stride_vh
@@ -160,15 +174,19 @@ def _block_sparse_fwd(
     acc, l_i, m_i = _attend_tiles(
         acc, l_i, m_i, q, offs_m, offs_d, k_base, v_base, stride_kn, stride_vn, desc_k, desc_v, b, h_kv,
         pad_base, stride_pn, idx_row, stride_is, 0, n_plain, sk, offset, qk_scale,
-        False, CAUSAL, HAS_PAD, USE_TMA, WARP_SPEC, BLOCK_N, MASK_BK, HEAD_DIM, D_PADDED, D_REAL, IEEE,
+        False, CAUSAL, HAS_PAD, USE_TMA, WARP_SPEC, LARGE_INDEX, BLOCK_N, MASK_BK, HEAD_DIM, D_PADDED, D_REAL, IEEE,
     )
     acc, l_i, m_i = _attend_tiles(
         acc, l_i, m_i, q, offs_m, offs_d, k_base, v_base, stride_kn, stride_vn, desc_k, desc_v, b, h_kv,
         pad_base, stride_pn, idx_row, stride_is, n_plain, count, sk, offset, qk_scale,
-        True, CAUSAL, HAS_PAD, USE_TMA, WARP_SPEC, BLOCK_N, MASK_BK, HEAD_DIM, D_PADDED, D_REAL, IEEE,
+        True, CAUSAL, HAS_PAD, USE_TMA, WARP_SPEC, LARGE_INDEX, BLOCK_N, MASK_BK, HEAD_DIM, D_PADDED, D_REAL, IEEE,
     )
     out = acc / tl.where(l_i == 0.0, 1.0, l_i)[:, None]
-    o_ptrs = OUT + b.to(tl.int64) * stride_ob + h.to(tl.int64) * stride_oh + offs_m[:, None] * stride_om + offs_d[None, :]
+    if LARGE_INDEX:
+        o_rows = offs_m.to(tl.int64)[:, None] * stride_om
+    else:
+        o_rows = offs_m[:, None] * stride_om
+    o_ptrs = OUT + b.to(tl.int64) * stride_ob + h.to(tl.int64) * stride_oh + o_rows + offs_d[None, :]
     tl.store(o_ptrs, out.to(OUT.dtype.element_ty), mask=(offs_m[:, None] < sq) & (offs_d[None, :] < D_REAL))
 
 
@@ -180,6 +198,11 @@ def _is_pow2(x: int) -> bool:
 def _next_pow2(x: int) -> int:
     # Plain Python: triton.next_power_of_2 is a jit function, ~10 us per call from the host.
     return 1 << max(0, x - 1).bit_length()
+
+
+def _needs_int64(*tensors: torch.Tensor) -> bool:
+    """Whether a row offset inside one (batch, head) slice can pass int32 (the kernel then uses int64 offsets)."""
+    return any(t.shape[2] * t.stride(2) >= 2**31 for t in tensors)
 
 
 def _tma_ok(k: torch.Tensor, v: torch.Tensor, dim: int, head_dim: int) -> bool:
@@ -290,6 +313,7 @@ def block_sparse_attention(
         hq, hq // hkv, sq, sk, num_m, (dim**-0.5 if scale is None else scale) * _LOG2E,
         CAUSAL=causal, HAS_PAD=key_padding_mask is not None, USE_TMA=use_tma,
         WARP_SPEC=use_tma and bool(cfg.get("WARP_SPEC", False)),
+        LARGE_INDEX=bool(cfg.get("LARGE_INDEX", False)) or _needs_int64(q, k, v, out),
         BLOCK_M=block_m, BLOCK_N=block_n, MASK_BQ=bq, MASK_BK=bk,
         KB_POW2=_next_pow2(indices.shape[-1]),
         HEAD_DIM=head_dim, D_REAL=dim, IEEE=q.dtype == torch.float32,
