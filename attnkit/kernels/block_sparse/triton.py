@@ -17,7 +17,11 @@ Rows that see no key (an empty list, or every listed key masked) are written as 
 
 Limits: block sizes must be powers of two ≥ 16 (a query block of 16 fills one tensor-core tile); ``head_dim`` up to
 256 (padded to a power of two inside the kernel). :func:`supports` says whether inputs qualify; the dispatcher
-falls back to the reference for the rest.
+falls back to the reference for the rest. Row offsets are int32 unless a (batch, head) slice spans 2**31 elements
+(``LARGE_INDEX``, ~512K tokens in a ``[B, S, H, D]`` layout): int64 offsets cost the 128×128 config register spills.
+
+Measured on an H100 and explained in ``benchmarks/RESULTS.md``; ``python -m benchmarks.kernel_report`` shows the
+compiled resources (registers, spills, shared memory) without a GPU.
 """
 
 from __future__ import annotations
