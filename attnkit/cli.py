@@ -1,4 +1,4 @@
-"""The ``attnkit`` command: convert, eval, recipes, inspect, models."""
+"""The ``attnkit`` command: convert, eval, bench, recipes, inspect, models."""
 
 from __future__ import annotations
 
@@ -53,6 +53,8 @@ def print_report(report) -> None:
         console.print(f"checkpoint: {report.out}  (reload: attnkit.load({str(report.out)!r}))", soft_wrap=True)
     if report.seconds:
         console.print("time: " + ", ".join(f"{k} {v:.1f}s" for k, v in report.seconds.items()))
+    if getattr(report, "report_dir", None):
+        console.print(f"run folder: {report.report_dir} (results.json, summary.md, plots)", soft_wrap=True)
 
 
 @app.command()
@@ -93,23 +95,79 @@ def convert(
 
 @app.command("eval")
 def eval_command(
-    checkpoint: Path = typer.Argument(..., help="an attnkit checkpoint folder"),
+    checkpoint: Path = typer.Argument(None, help="an attnkit checkpoint folder (or use --model with --recipe)"),
+    model: str = typer.Option(None, "--model", "-m", help="model to patch in memory with --recipe"),
+    recipe: str = typer.Option(None, "--recipe", "-r", help="built-in recipe name or YAML path (with --model)"),
     tasks: str = typer.Option(None, help="comma-separated tasks (default: the recipe's eval block)"),
     lengths: str = typer.Option(None, help="comma-separated prompt lengths, e.g. 2k,4k"),
     samples: int = typer.Option(10, help="samples per task and length"),
+    out: Path = typer.Option(None, "--out", "-o", help="run folder (default runs/eval-<timestamp>)"),
     dtype: str = typer.Option(None),
     device: str = typer.Option(None),
 ) -> None:
-    """Evaluate a checkpoint dense vs patched on locally generated tasks."""
+    """Evaluate dense vs patched on locally generated tasks (a checkpoint, or --model with --recipe)."""
+    from attnkit.eval.report import new_run_dir
     from attnkit.pipeline import evaluate
 
+    if (checkpoint is None) == (model is None) or (model is not None and recipe is None):
+        _fail(ValueError("give a checkpoint folder, or --model and --recipe"))
     try:
         report = evaluate(
-            checkpoint, tasks.split(",") if tasks else None, _int_list(lengths), samples, dtype=dtype, device=device
+            checkpoint, tasks.split(",") if tasks else None, _int_list(lengths), samples, dtype=dtype, device=device,
+            model=model, recipe=recipe, out=new_run_dir(out, "eval"),
+        )
+    except (ValueError, FileNotFoundError, RuntimeError, KeyError) as err:
+        _fail(err)
+    print_report(report)
+
+
+@app.command()
+def bench(
+    checkpoint: Path = typer.Argument(None, help="an attnkit checkpoint folder (or --model / --shape)"),
+    model: str = typer.Option("llama", "--model", "-m", help="alias, HF id, folder or .gguf"),
+    recipe: str = typer.Option(None, "--recipe", "-r", help="patch with this recipe (omit: dense only)"),
+    shape: str = typer.Option(None, help="random-weight model of a real architecture: llama3-8b, smollm2-135m, "
+                                         "qwen2.5-0.5b (for lengths the embedded models cannot reach)"),
+    layers: int = typer.Option(2, help="decoder layers of the --shape model"),
+    lengths: str = typer.Option("4k", help="comma-separated prompt lengths, e.g. 4k,16k,32k"),
+    batch: int = typer.Option(1, help="sequences per forward"),
+    new_tokens: int = typer.Option(16, help="greedy decode steps timed after the prefill"),
+    repeats: int = typer.Option(3, help="timed runs (median)"),
+    warmup: int = typer.Option(1, help="untimed runs first"),
+    out: Path = typer.Option(None, "--out", "-o", help="run folder (default runs/bench-<timestamp>)"),
+    dtype: str = typer.Option(None),
+    device: str = typer.Option(None),
+) -> None:
+    """Time to first token, time per output token, peak memory and KV bytes/token, dense vs patched."""
+    from attnkit.eval.report import new_run_dir
+    from attnkit.pipeline import bench as run_bench
+
+    try:
+        report = run_bench(
+            model, recipe, checkpoint=checkpoint, shape=shape, layers=layers, lengths=_int_list(lengths),
+            batch=batch, new_tokens=new_tokens, warmup=warmup, repeats=repeats, dtype=dtype, device=device,
+            out=new_run_dir(out, "bench"),
         )
     except (ValueError, FileNotFoundError, RuntimeError) as err:
         _fail(err)
-    print_report(report)
+    table = Table(title=f"attnkit bench: {report.title}")
+    for col in ("mode", "length", "TTFT ms", "TPOT ms", "peak MB", "KV B/token", "density"):
+        table.add_column(col, justify="left" if col == "mode" else "right")
+    for r in report.rows:
+        table.add_row(
+            r.mode, str(r.length), f"{r.prefill_ms:.2f}",
+            "n/a" if r.decode_ms_per_token is None else f"{r.decode_ms_per_token:.2f}",
+            "n/a" if r.peak_memory_mb is None else f"{r.peak_memory_mb:.0f}",
+            f"{r.kv_bytes_per_token:.0f}", "n/a" if r.density is None else f"{r.density:.3f}",
+        )
+    console.print(table)
+    for c in report.comparisons:
+        ideal = "" if c.ideal_prefill_speedup is None else f" (attention-only ideal {c.ideal_prefill_speedup:.2f}x)"
+        decode = "" if c.decode_speedup is None else f", decode {c.decode_speedup:.2f}x"
+        console.print(f"{c.length} tokens: prefill {c.prefill_speedup:.2f}x{ideal}{decode}, KV {c.kv_ratio:.2f} of dense")
+    if report.device != "cuda":
+        console.print("[yellow]CPU run: these timings show the code runs; they are not speed claims.[/]")
+    console.print(f"run folder: {report.report_dir}", soft_wrap=True)
 
 
 @app.command()

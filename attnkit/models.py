@@ -730,6 +730,57 @@ def _publish(staging: Path, target: Path, entry: _Embedded) -> None:
 # ----------------------------------------------------------------------------------------------------------
 
 
+# ----------------------------------------------------------------------------------------------------------
+# Random-weight models of real architectures (speed benchmarks at lengths the embedded models cannot reach)
+# ----------------------------------------------------------------------------------------------------------
+
+# name: (config class name, fields). Attention and MLP sizes of the real models; weights are random.
+MODEL_SHAPES: dict[str, tuple[str, dict]] = {
+    "llama3-8b": ("LlamaConfig", dict(
+        hidden_size=4096, intermediate_size=14336, num_attention_heads=32, num_key_value_heads=8, head_dim=128,
+        vocab_size=128256, max_position_embeddings=131072, rope_parameters={"rope_type": "default", "rope_theta": 500000.0},
+        rms_norm_eps=1e-5,
+    )),
+    "smollm2-135m": ("LlamaConfig", dict(
+        hidden_size=576, intermediate_size=1536, num_attention_heads=9, num_key_value_heads=3, head_dim=64,
+        vocab_size=49152, max_position_embeddings=131072, rope_parameters={"rope_type": "default", "rope_theta": 100000.0},
+        rms_norm_eps=1e-5, tie_word_embeddings=True,
+    )),
+    "qwen2.5-0.5b": ("Qwen2Config", dict(
+        hidden_size=896, intermediate_size=4864, num_attention_heads=14, num_key_value_heads=2, vocab_size=151936,
+        max_position_embeddings=131072, rope_parameters={"rope_type": "default", "rope_theta": 1000000.0},
+        rms_norm_eps=1e-6, tie_word_embeddings=True,
+    )),
+}
+
+
+def random_model(
+    shape: str, layers: int, dtype: torch.dtype | str | None = None, device: str | torch.device | None = None
+) -> tuple[PreTrainedModel, PreTrainedTokenizerBase]:
+    """A random-weight model with the attention/MLP shapes of a real one and ``layers`` decoder layers.
+
+    For speed measurements only (its outputs are noise): e.g. Llama-3-8B attention at 128K tokens with 2 layers
+    fits one GPU. Weights are created directly on ``device`` in ``dtype``. The tokenizer is the byte-level tiny one
+    (benchmarks feed random token ids).
+    """
+    import transformers
+
+    if shape not in MODEL_SHAPES:
+        raise ModelNotFoundError(f"unknown shape {shape!r}; choose from {sorted(MODEL_SHAPES)}")
+    if layers < 1:
+        raise ValueError(f"layers must be >= 1, got {layers}")
+    device = resolve_device(device)
+    dtype = resolve_dtype(dtype, device)
+    config_name, fields = MODEL_SHAPES[shape]
+    config = getattr(transformers, config_name)(num_hidden_layers=layers, **fields)
+    config.name_or_path = f"random:{shape}x{layers}"
+    with torch.random.fork_rng(devices=[]), torch.device(device):
+        torch.manual_seed(0)
+        model = AutoModelForCausalLM.from_config(config, dtype=torch.float32 if dtype == "auto" else dtype)
+    model.eval()
+    return model, tiny_tokenizer()
+
+
 def check_supported(model: PreTrainedModel) -> None:
     """Raise UnsupportedModelError unless attnkit can patch ``model``.
 

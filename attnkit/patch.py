@@ -46,6 +46,28 @@ class AttnkitStats:
             out[layer.layer_idx] = stats
         return out
 
+    def per_head(self) -> dict[int, list[float]]:
+        """Layer → per-query-head density of its last prefill (block-sparse layers only).
+
+        A mask shared by all heads (``H == 1``, e.g. a fixed pattern) reports its one density for every head.
+        """
+        heads = self._model.config.num_attention_heads
+        out = {}
+        for layer in attnkit_layers(self._model):
+            block_mask = layer.stats.get("block_mask")
+            if block_mask is not None:
+                density = block_mask.head_density()
+                out[layer.layer_idx] = (density.expand(heads) if density.numel() == 1 else density).tolist()
+        return out
+
+    def block_masks(self) -> dict[int, Any]:
+        """Layer → the :class:`~attnkit.kernels.BlockMask` of its last prefill (block-sparse layers only)."""
+        return {
+            layer.layer_idx: layer.stats["block_mask"]
+            for layer in attnkit_layers(self._model)
+            if layer.stats.get("block_mask") is not None
+        }
+
     def mean_density(self) -> float | None:
         """Mean over patched layers of the last prefill's block density (None before any prefill)."""
         values = [s["density"] for s in self.per_layer().values()]

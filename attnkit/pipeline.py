@@ -32,6 +32,7 @@ class Report:
     mean_density: float | None  # mean over patched layers of the last prefill's block density
     rows: list[Any] = field(default_factory=list)  # attnkit.eval.harness.ComparisonRow
     seconds: dict[str, float] = field(default_factory=dict)
+    report_dir: Path | None = None  # the run folder (results.json, summary.md, plots), when one was written
 
     def methods_summary(self) -> str:
         names = sorted({name for methods in self.layer_methods.values() for name in methods.values()})
@@ -112,26 +113,140 @@ def convert(
         )
         report.rows, report.mean_density = rows, density
         seconds.update(eval_seconds)
+        if out is not None:
+            report.report_dir = _write_eval_run(Path(out) / "eval", report, lm)
     report.seconds = seconds
     return report
 
 
 def evaluate(
-    checkpoint: str | os.PathLike,
+    checkpoint: str | os.PathLike | None = None,
     tasks: list[str] | None = None,
     lengths: list[int] | None = None,
     samples: int = 10,
     dtype: torch.dtype | str | None = None,
     device: str | None = None,
     show_progress: bool = True,
+    *,
+    model: str | None = None,
+    recipe: str | os.PathLike | dict | Recipe | None = None,
+    out: str | os.PathLike | None = None,
 ) -> Report:
-    """Evaluate an attnkit checkpoint dense vs patched (same samples, one process)."""
-    model, tokenizer = load(checkpoint, dtype=dtype, device=device)
-    state = getattr(model, "attnkit_state", None)
-    if state is None:
-        raise CheckpointError(f"{checkpoint} is a plain model (no attnkit block): there is nothing to compare")
+    """Evaluate dense vs patched on the same samples in one process.
+
+    Either ``checkpoint`` (an attnkit checkpoint folder) or ``model`` + ``recipe`` (applied in memory, calibration
+    included, nothing saved). ``tasks``/``lengths`` default to the recipe's ``eval:`` block. With ``out``, a run
+    folder is written there (results.json, summary.md, plots; see :mod:`attnkit.eval.report`).
+    """
+    from attnkit.models import load_model
+
+    if (checkpoint is None) == (model is None):
+        raise ValueError("evaluate needs either a checkpoint folder or model= (with recipe=), not both")
+    if checkpoint is not None:
+        lm, tokenizer = load(checkpoint, dtype=dtype, device=device)
+        state = getattr(lm, "attnkit_state", None)
+        if state is None:
+            raise CheckpointError(f"{checkpoint} is a plain model (no attnkit block): there is nothing to compare")
+        name = str(checkpoint)
+    else:
+        if recipe is None:
+            raise ValueError("evaluate(model=...) needs recipe= (the patch to compare with the dense model)")
+        lm, tokenizer = load_model(model, dtype=dtype, device=device)
+        apply(lm, recipe)
+        state = lm.attnkit_state
+        name = model
     spec = state.recipe.eval
     rows, density, seconds = compare_dense_patched(
-        model, tokenizer, tasks or spec.tasks, lengths or spec.lengths, samples, show_progress=show_progress
+        lm, tokenizer, tasks or spec.tasks, lengths or spec.lengths, samples, show_progress=show_progress
     )
-    return Report(state.recipe.name, str(checkpoint), Path(checkpoint), state.layer_methods, density, rows, seconds)
+    report = Report(state.recipe.name, name, Path(checkpoint) if checkpoint else None, state.layer_methods, density,
+                    rows, seconds)
+    if out is not None:
+        report.report_dir = _write_eval_run(Path(out), report, lm)
+    return report
+
+
+def _write_eval_run(out: Path, report: Report, model: PreTrainedModel) -> Path:
+    from attnkit.eval.report import environment, new_run_dir, write_eval_report
+
+    out = new_run_dir(out, "eval")
+    stats = model.attnkit_stats
+    write_eval_report(
+        out,
+        title=f"{report.recipe} on {report.model}",
+        rows=report.rows,
+        env=environment(next(model.parameters()).device),
+        mean_density=report.mean_density,
+        per_layer=stats.per_layer(),
+        per_head=stats.per_head(),
+        block_masks=stats.block_masks(),
+        extra={"seconds": report.seconds, "layer_methods": report.layer_methods},
+    )
+    return out
+
+
+@dataclass
+class BenchReport:
+    """The outcome of :func:`bench`: speed rows (dense and patched), their pairing, and the run folder."""
+
+    title: str
+    rows: list[Any]  # attnkit.eval.speed.SpeedRow
+    comparisons: list[Any]  # attnkit.eval.speed.SpeedComparison
+    device: str
+    report_dir: Path | None = None
+
+
+def bench(
+    model: str = "llama",
+    recipe: str | os.PathLike | dict | Recipe | None = None,
+    *,
+    checkpoint: str | os.PathLike | None = None,
+    shape: str | None = None,
+    layers: int = 2,
+    lengths: list[int] | None = None,
+    batch: int = 1,
+    new_tokens: int = 16,
+    warmup: int = 1,
+    repeats: int = 3,
+    dtype: torch.dtype | str | None = None,
+    device: str | None = None,
+    out: str | os.PathLike | None = None,
+    show_progress: bool = True,
+) -> BenchReport:
+    """Time a model dense and patched (TTFT, TPOT, peak memory, KV bytes/token) in one process.
+
+    The model is a checkpoint folder, ``model`` (alias / id / folder) with an optional ``recipe``, or, with
+    ``shape`` (e.g. ``"llama3-8b"``), a random-weight model of that architecture with ``layers`` layers, for
+    lengths the embedded models cannot reach. Without a recipe or checkpoint only the dense model is timed.
+    """
+    from attnkit.eval.report import environment, new_run_dir, write_bench_report
+    from attnkit.eval.speed import bench_model, compare_speed
+    from attnkit.models import load_model, random_model
+
+    if checkpoint is not None and (recipe is not None or shape is not None):
+        raise ValueError("bench takes a checkpoint, or a model/shape with an optional recipe, not both")
+    if checkpoint is not None:
+        lm, _ = load(checkpoint, dtype=dtype, device=device)
+        name = str(checkpoint)
+    else:
+        if shape is not None:
+            lm, _ = random_model(shape, layers, dtype=dtype, device=device)
+            name = f"random {shape} ({layers} layers)"
+        else:
+            lm, _ = load_model(model, dtype=dtype, device=device)
+            name = model
+        if recipe is not None:
+            apply(lm, recipe)
+    state = getattr(lm, "attnkit_state", None)
+    title = f"{state.recipe.name if state else 'dense'} on {name}"
+    rows = bench_model(
+        lm, lengths or [4096], batch=batch, new_tokens=new_tokens, warmup=warmup, repeats=repeats,
+        show_progress=show_progress,
+    )
+    dev = next(lm.parameters()).device
+    report = BenchReport(title, rows, compare_speed(rows), dev.type)
+    if out is not None:
+        report.report_dir = new_run_dir(out, "bench")
+        write_bench_report(report.report_dir, title=title, rows=rows, comparisons=report.comparisons,
+                           env=environment(dev))
+    return report

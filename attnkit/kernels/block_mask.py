@@ -95,6 +95,12 @@ class BlockMask:
             self.kv_num_blocks.to(device), self.kv_indices.to(device), self.q_len, self.kv_len, self.block_size
         )
 
+    def head_density(self) -> torch.Tensor:
+        """Float ``[H]``: per head, the fraction of causally visible blocks computed (mean over the batch)."""
+        visible = self.causal_blocks()
+        kept = (self.to_dense() & visible).sum((-1, -2)).float()  # [B, H]
+        return (kept / visible.sum()).mean(0)
+
     def expand(self, batch: int, heads: int) -> BlockMask:
         """Broadcast a ``B == 1`` / ``H == 1`` mask to ``[batch, heads, ...]`` (views, no copies)."""
         _b, _h, qb, kb = self.shape
