@@ -88,7 +88,7 @@ def convert(
             dtype=dtype,
             device=device,
         )
-    except (ValueError, FileNotFoundError, RuntimeError) as err:
+    except (ValueError, FileNotFoundError, RuntimeError, KeyError) as err:
         _fail(err)
     print_report(report)
 

@@ -25,7 +25,7 @@ from transformers import PreTrainedModel, PreTrainedTokenizerBase
 
 from attnkit.eval.tasks import METRIC, TASKS, LocalTask, generate_task
 
-__all__ = ["UNINFORMATIVE_BELOW", "ComparisonRow", "TaskResult", "compare", "run_tasks"]
+__all__ = ["UNINFORMATIVE_BELOW", "ComparisonRow", "TaskResult", "compare", "read_external_results", "run_tasks"]
 
 # A dense score below this makes a dense-vs-patched comparison meaningless: the task is too hard for the model
 # at that length, so a patched score near it says nothing about the patch.
@@ -135,7 +135,9 @@ def run_tasks(
     Args:
         model: an in-memory causal LM, dense or patched; evaluated as is (lm-eval puts it in eval mode).
         tokenizer: its tokenizer; lengths are measured in its tokens, plain prompts (no chat template).
-        tasks: registered task names (:data:`attnkit.eval.tasks.TASKS`).
+        tasks: bundled task names (:data:`attnkit.eval.tasks.TASKS`), or lm-eval's own task names (RULER,
+            LongBench, BABILong, ...), run unchanged where their extras and data are available (a clear error
+            says what to install or download when they are not).
         lengths: prompt lengths in tokens.
         samples: prompts per (task, length), spread evenly over the task's default depths.
         seed: seeds the generated answers; the same seed gives the same prompts.
@@ -146,17 +148,18 @@ def run_tasks(
     Returns:
         One :class:`TaskResult` per (task, length), tasks outer, lengths inner.
     """
-    unknown = [t for t in tasks if t not in TASKS]
-    if unknown:
-        raise KeyError(f"unknown tasks {unknown}; registered: {sorted(TASKS)}")
     if not tasks or not lengths:
         raise ValueError("run_tasks needs at least one task and one length")
+    external = [t for t in tasks if t not in TASKS]  # lm-eval's own tasks (RULER, LongBench, BABILong, ...)
+    tasks = [t for t in tasks if t in TASKS]
 
     with ExitStack() as stack:
         # Offline before lm-eval (and through it `datasets`) is imported: those read the variables at import.
-        # huggingface_hub was imported with transformers and keeps the mode it read then; nothing here needs
-        # the network anyway (data are local files, AttnkitLM skips HFLM's Hub lookup of the model sha).
-        stack.enter_context(_offline())
+        # huggingface_hub was imported with transformers and keeps the mode it read then; bundled tasks need no
+        # network (data are local files, AttnkitLM skips HFLM's Hub lookup of the model sha). lm-eval's own tasks
+        # may need their data: then the caller's setting stands.
+        if not external:
+            stack.enter_context(_offline())
         import lm_eval  # lazy: lm-eval is the optional `eval` extra and slow to import
         from lm_eval.tasks import TaskManager
         from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
@@ -173,7 +176,7 @@ def run_tasks(
         ]
         # lm-eval reserves max_gen_toks of max_length for the answer and left-truncates the prompt to the rest:
         # size it so the longest prompt always fits whole.
-        max_length = max(lengths) + max(TASKS[name].max_gen_toks for name in tasks)
+        max_length = max(lengths) + max([TASKS[name].max_gen_toks for name in tasks] + [_EXTERNAL_GEN_BUDGET])
 
         progress = Progress(
             TextColumn("{task.description}"),
@@ -212,7 +215,79 @@ def run_tasks(
                 fewshot_random_seed=None,
             )
             results.append(_read_result(output, local))
+        if external:
+            bars["lm-eval"] = progress.add_task("lm-eval: " + ", ".join(external), total=None)
+            current.append("lm-eval")
+            results.extend(_run_external(lm_eval, lm, external, tokenizer, lengths, samples, work_dir))
         return results
+
+
+# Generation budget assumed for lm-eval's own tasks when sizing max_length (RULER asks for at most 128 tokens).
+_EXTERNAL_GEN_BUDGET = 128
+
+_EXTERNAL_HELP = """lm-eval's long-context suites need their extras and data:
+  - RULER (niah_single_1, ..., ruler): pip install 'lm_eval[ruler]'; its repeated-noise NIAH tasks then run offline,
+    the essay and QA ones download their text from the Hub the first time;
+  - LongBench (longbench*): downloads THUDM/LongBench; BABILong (babilong*): downloads RMT-team/babilong.
+Run once with network access (HF_HUB_OFFLINE / HF_DATASETS_OFFLINE unset) to fill the Hugging Face cache, then
+offline runs reuse it. attnkit's bundled tasks need none of this: {bundled}."""
+
+
+def _run_external(lm_eval, lm, names, tokenizer, lengths, samples, work_dir: Path) -> list[TaskResult]:
+    """Run lm-eval's own tasks unchanged on ``lm``; RULER-style tasks get the lengths and a tokenizer path."""
+    from lm_eval.tasks import TaskManager
+
+    task_manager = TaskManager()  # lm-eval's full task index (8-17 s on a 2-core CPU): only when asked for
+    unknown = [n for n in names if n not in task_manager.all_tasks]
+    if unknown:
+        raise KeyError(
+            f"unknown tasks {unknown}: neither bundled with attnkit ({sorted(TASKS)}) nor lm-eval tasks "
+            "(list those with `lm-eval ls tasks`)"
+        )
+    # RULER builds its prompts with the model's tokenizer, loaded from a path: save ours next to the task files.
+    tok_dir = work_dir / "tokenizer"
+    tokenizer.save_pretrained(tok_dir)
+    try:
+        output = lm_eval.simple_evaluate(
+            model=lm,
+            tasks=list(names),
+            task_manager=task_manager,
+            limit=samples,
+            metadata={"max_seq_lengths": list(lengths), "tokenizer": str(tok_dir), "pretrained": str(tok_dir)},
+            log_samples=False,
+            random_seed=None,
+            numpy_random_seed=None,
+            torch_random_seed=None,
+            fewshot_random_seed=None,
+        )
+    except Exception as err:  # missing extras, unreachable data: say what to install or download
+        raise RuntimeError(
+            f"lm-eval task(s) {list(names)} could not run: {type(err).__name__}: {err}\n"
+            + _EXTERNAL_HELP.format(bundled=", ".join(sorted(TASKS)))
+        ) from err
+    return read_external_results(output)
+
+
+def read_external_results(output: dict) -> list[TaskResult]:
+    """Every numeric metric of an lm-eval result dict as a :class:`TaskResult`.
+
+    RULER reports one metric per sequence length (key ``"4096,none"``): those become ``(task, 4096)``. Other
+    metrics become ``("<task>:<metric>", 0)`` (length 0: the task's own lengths).
+    """
+    rows = []
+    for task, metrics in output.get("results", {}).items():
+        n = int(output.get("n-samples", {}).get(task, {}).get("effective", 0))
+        for key, value in metrics.items():
+            metric, _, filt = key.partition(",")
+            if not filt or "stderr" in metric or isinstance(value, bool) or not isinstance(value, int | float):
+                continue
+            stderr = metrics.get(f"{metric}_stderr,{filt}")
+            stderr = float(stderr) if isinstance(stderr, int | float) else float("nan")
+            if metric.isdigit():
+                rows.append(TaskResult(task=task, length=int(metric), score=float(value), stderr=stderr, n_samples=n))
+            else:
+                rows.append(TaskResult(task=f"{task}:{metric}", length=0, score=float(value), stderr=stderr, n_samples=n))
+    return rows
 
 
 def compare(
