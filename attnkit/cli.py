@@ -53,6 +53,12 @@ def print_report(report) -> None:
         console.print(f"checkpoint: {report.out}  (reload: attnkit.load({str(report.out)!r}))", soft_wrap=True)
     if report.seconds:
         console.print("time: " + ", ".join(f"{k} {v:.1f}s" for k, v in report.seconds.items()))
+    for f in getattr(report, "fidelity", []):
+        recall = "" if "recall" not in f else (
+            f", attention recall {f['recall']:.3f} (oracle {f['oracle_recall']:.3f} at density {f['density']:.3f})"
+        )
+        console.print(f"fidelity @{f['length']}: KL {f['kl']:.4f}, top-1 {f['top1_agreement']:.3f}, "
+                      f"NLL {f['nll_dense']:.3f} → {f['nll_patched']:.3f}{recall}", soft_wrap=True)
     if getattr(report, "report_dir", None):
         console.print(f"run folder: {report.report_dir} (results.json, summary.md, plots)", soft_wrap=True)
 
@@ -69,6 +75,7 @@ def convert(
     samples: int = typer.Option(None, help="samples per task and length"),
     dtype: str = typer.Option(None, help="float32 | bfloat16 | float16 (default fp32 on CPU, bf16 on GPU)"),
     device: str = typer.Option(None, help="cpu | cuda (default: cuda if available)"),
+    fidelity: bool = typer.Option(False, "--fidelity", help="also KL/top-1 vs dense, NLL and attention recall"),
 ) -> None:
     """Load → apply a recipe → save → evaluate dense vs patched, and print the comparison."""
     from attnkit.pipeline import convert as run_convert
@@ -87,6 +94,7 @@ def convert(
             samples=samples,
             dtype=dtype,
             device=device,
+            fidelity=fidelity,
         )
     except (ValueError, FileNotFoundError, RuntimeError, KeyError) as err:
         _fail(err)
@@ -102,6 +110,7 @@ def eval_command(
     lengths: str = typer.Option(None, help="comma-separated prompt lengths, e.g. 2k,4k"),
     samples: int = typer.Option(10, help="samples per task and length"),
     out: Path = typer.Option(None, "--out", "-o", help="run folder (default runs/eval-<timestamp>)"),
+    fidelity: bool = typer.Option(False, "--fidelity", help="also KL/top-1 vs dense, NLL and attention recall"),
     dtype: str = typer.Option(None),
     device: str = typer.Option(None),
 ) -> None:
@@ -114,7 +123,7 @@ def eval_command(
     try:
         report = evaluate(
             checkpoint, tasks.split(",") if tasks else None, _int_list(lengths), samples, dtype=dtype, device=device,
-            model=model, recipe=recipe, out=new_run_dir(out, "eval"),
+            model=model, recipe=recipe, out=new_run_dir(out, "eval"), fidelity=fidelity,
         )
     except (ValueError, FileNotFoundError, RuntimeError, KeyError) as err:
         _fail(err)

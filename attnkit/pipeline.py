@@ -33,6 +33,7 @@ class Report:
     rows: list[Any] = field(default_factory=list)  # attnkit.eval.harness.ComparisonRow
     seconds: dict[str, float] = field(default_factory=dict)
     report_dir: Path | None = None  # the run folder (results.json, summary.md, plots), when one was written
+    fidelity: list[dict[str, Any]] = field(default_factory=list)  # attnkit.eval.fidelity.fidelity_at_lengths rows
 
     def methods_summary(self) -> str:
         names = sorted({name for methods in self.layer_methods.values() for name in methods.values()})
@@ -78,11 +79,13 @@ def convert(
     dtype: torch.dtype | str | None = None,
     device: str | None = None,
     show_progress: bool = True,
+    fidelity: bool = False,
 ) -> Report:
     """Load ``model``, apply ``recipe``, save to ``out`` and (by default) evaluate dense vs patched.
 
-    ``tasks``/``lengths``/``samples`` override the recipe's ``eval:`` block. Fails before any work when ``out``
-    exists and ``overwrite`` is false.
+    ``tasks``/``lengths``/``samples`` override the recipe's ``eval:`` block. ``fidelity`` adds the task-free
+    metrics (KL / top-1 vs dense, NLL, attention recall vs oracle) at the same lengths. Fails before any work when
+    ``out`` exists and ``overwrite`` is false.
     """
     from attnkit.models import load_model
 
@@ -113,6 +116,8 @@ def convert(
         )
         report.rows, report.mean_density = rows, density
         seconds.update(eval_seconds)
+        if fidelity:
+            report.fidelity = _fidelity(lm, tokenizer, lengths or spec.lengths, seconds)
         if out is not None:
             report.report_dir = _write_eval_run(Path(out) / "eval", report, lm)
     report.seconds = seconds
@@ -131,6 +136,7 @@ def evaluate(
     model: str | None = None,
     recipe: str | os.PathLike | dict | Recipe | None = None,
     out: str | os.PathLike | None = None,
+    fidelity: bool = False,
 ) -> Report:
     """Evaluate dense vs patched on the same samples in one process.
 
@@ -161,9 +167,20 @@ def evaluate(
     )
     report = Report(state.recipe.name, name, Path(checkpoint) if checkpoint else None, state.layer_methods, density,
                     rows, seconds)
+    if fidelity:
+        report.fidelity = _fidelity(lm, tokenizer, lengths or spec.lengths, seconds)
     if out is not None:
         report.report_dir = _write_eval_run(Path(out), report, lm)
     return report
+
+
+def _fidelity(model: PreTrainedModel, tokenizer, lengths: list[int], seconds: dict[str, float]) -> list[dict]:
+    from attnkit.eval.fidelity import fidelity_at_lengths
+
+    start = time.perf_counter()
+    rows = fidelity_at_lengths(model, tokenizer, lengths)
+    seconds["fidelity"] = time.perf_counter() - start
+    return rows
 
 
 def _write_eval_run(out: Path, report: Report, model: PreTrainedModel) -> Path:
@@ -180,6 +197,7 @@ def _write_eval_run(out: Path, report: Report, model: PreTrainedModel) -> Path:
         per_layer=stats.per_layer(),
         per_head=stats.per_head(),
         block_masks=stats.block_masks(),
+        fidelity=report.fidelity,
         extra={"seconds": report.seconds, "layer_methods": report.layer_methods},
     )
     return out

@@ -107,3 +107,19 @@ def test_cli_eval_model_and_recipe_writes_a_run_folder(tmp_path):
     assert "| passkey | 300 |" in (out / "summary.md").read_text()
     pytest.importorskip("matplotlib")
     assert {"scores.png", "density.png", "block_masks.png"} <= {p.name for p in out.iterdir()}
+
+
+def test_eval_fidelity_rows_in_report(tmp_path):
+    from attnkit.pipeline import evaluate
+
+    recipe = {"attnkit": 1, "name": "w", "steps": [{"method": "sliding_window", "window": 64, "block_size": 16}],
+              "eval": {"tasks": ["passkey"], "lengths": [400], "samples": 1}}
+    report = evaluate(model="tiny-qwen2", recipe=recipe, samples=1, out=tmp_path / "run", fidelity=True,
+                      show_progress=False)
+    (row,) = report.fidelity
+    assert row["length"] == 400 and row["offset"] == 200
+    assert row["kl"] > 0 and 0 <= row["top1_agreement"] <= 1
+    assert 0 < row["recall"] <= row["oracle_recall"] <= 1 and 0 < row["density"] < 1
+    data = json.loads((tmp_path / "run" / "results.json").read_text())
+    assert data["fidelity"][0]["recall"] == pytest.approx(row["recall"])
+    assert "## Fidelity" in (tmp_path / "run" / "summary.md").read_text()

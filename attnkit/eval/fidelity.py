@@ -32,7 +32,10 @@ from attnkit.attention import AttnkitAttention, attention_modules
 from attnkit.kernels.block_mass import block_attention_mass, query_block_rows
 from attnkit.patch import dense, is_patched
 
-__all__ = ["CHUNK_BYTES", "LayerRecall", "RecallReport", "attention_recall", "compare_logits", "nll"]
+__all__ = [
+    "CHUNK_BYTES", "LayerRecall", "RecallReport", "attention_recall", "compare_logits", "corpus_ids", "fidelity_at_lengths",
+    "nll",
+]
 
 CHUNK_BYTES = 256 * 2**20  # one fp32 [rows, vocab] tensor per chunk of positions
 
@@ -421,3 +424,42 @@ def attention_recall(
         else:
             skipped[idx] = "did not run through attnkit (the model's mask is not causal + padding: dense)"
     return RecallReport(results, skipped)
+
+
+# ------------------------------------------------------------------------------------- the run-level summary
+def corpus_ids(tokenizer, length: int) -> torch.Tensor:
+    """``[1, length]`` token ids of the built-in prose corpus (Python's documentation), cycled if too short."""
+    from attnkit.eval.corpus import sentences
+
+    text = " ".join(sentences())
+    ids = tokenizer(text, return_tensors="pt", verbose=False)["input_ids"][0]
+    if ids.numel() < length:
+        ids = ids.repeat(length // ids.numel() + 1)
+    return ids[:length].unsqueeze(0)
+
+
+def fidelity_at_lengths(
+    model: PreTrainedModel, tokenizer, lengths: list[int], offset_fraction: float = 0.5
+) -> list[dict[str, Any]]:
+    """Task-free fidelity of a patched model at each length, on the built-in corpus.
+
+    Per length: :func:`compare_logits` over the positions past ``offset_fraction`` of the text (the long-context
+    part, where sparse attention can lose something), and, where a layer runs a block-sparse prefill,
+    :func:`attention_recall` (mean over those layers, with the oracle at equal density).
+
+    Returns one dict per length: ``length, offset, kl, top1_agreement, nll_dense, nll_patched`` and, when measured,
+    ``recall, oracle_recall, density``.
+    """
+    rows = []
+    for length in lengths:
+        ids = corpus_ids(tokenizer, length)
+        offset = min(length - 1, int(length * offset_fraction))
+        row: dict[str, Any] = {"length": length, "offset": offset}
+        logits = compare_logits(model, ids, offset=offset)
+        row.update({k: logits[k] for k in ("kl", "top1_agreement", "nll_dense", "nll_patched")})
+        if is_patched(model):
+            recall = attention_recall(model, ids)
+            if recall.layers:
+                row.update(recall=recall.recall, oracle_recall=recall.oracle_recall, density=recall.density)
+        rows.append(row)
+    return rows

@@ -115,6 +115,7 @@ def write_eval_report(
     per_layer: dict[int, dict] | None = None,
     per_head: dict[int, list[float]] | None = None,
     block_masks: dict[int, Any] | None = None,
+    fidelity: Sequence[dict[str, Any]] | None = None,
     extra: dict[str, Any] | None = None,
 ) -> list[Path]:
     """Write an eval run: ``rows`` are :class:`attnkit.eval.harness.ComparisonRow`; returns the files written.
@@ -125,7 +126,8 @@ def write_eval_report(
     files = [out / "results.json", out / "summary.md"]
     _write_json(files[0], {
         "kind": "eval", "title": title, "env": env, "mean_density": mean_density, "rows": list(rows),
-        "per_layer": per_layer or {}, "per_head_density": per_head or {}, "extra": extra or {},
+        "per_layer": per_layer or {}, "per_head_density": per_head or {}, "fidelity": list(fidelity or []),
+        "extra": extra or {},
     })
     lines = [f"# {title}", "", _env_line(env), ""]
     if mean_density is not None:
@@ -134,6 +136,16 @@ def write_eval_report(
     for r in rows:
         note = "dense < 0.8: uninformative" if r.uninformative else ""
         lines.append(f"| {r.task} | {r.length} | {r.dense:.2f} | {r.patched:.2f} | {_fmt(r.ratio)} | {note} |")
+    if fidelity:
+        lines += ["", "## Fidelity (built-in corpus; KL and NLL over positions past the offset)", "",
+                  "| length | offset | KL(dense‖patched) | top-1 agreement | NLL dense | NLL patched | recall | oracle recall "
+                  "| density |", "|---|---|---|---|---|---|---|---|---|"]
+        for f in fidelity:
+            lines.append(
+                f"| {f['length']} | {f['offset']} | {f['kl']:.4f} | {f['top1_agreement']:.3f} | {_fmt(f['nll_dense'], '.3f')} "
+                f"| {_fmt(f['nll_patched'], '.3f')} | {_fmt(f.get('recall'), '.3f')} | {_fmt(f.get('oracle_recall'), '.3f')} "
+                f"| {_fmt(f.get('density'), '.3f')} |"
+            )
     if extra:
         lines += ["", "## Other measurements", "", "```", json.dumps(_jsonable(extra), indent=1), "```"]
     plt = _pyplot()
