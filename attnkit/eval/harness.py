@@ -237,23 +237,25 @@ def _run_external(lm_eval, lm, names, tokenizer, lengths, samples, work_dir: Pat
     """Run lm-eval's own tasks unchanged on ``lm``; RULER-style tasks get the lengths and a tokenizer path."""
     from lm_eval.tasks import TaskManager
 
-    task_manager = TaskManager()  # lm-eval's full task index (8-17 s on a 2-core CPU): only when asked for
+    # RULER builds its prompts with the model's tokenizer, loaded from a path: save ours next to the task files.
+    # Task metadata reaches the tasks through the TaskManager (simple_evaluate ignores its own `metadata` argument
+    # when it is given a manager).
+    tok_dir = work_dir / "tokenizer"
+    tokenizer.save_pretrained(tok_dir)
+    metadata = {"max_seq_lengths": list(lengths), "tokenizer": str(tok_dir), "pretrained": str(tok_dir)}
+    task_manager = TaskManager(metadata=metadata)  # lm-eval's full task index (8-17 s on 2 cores): only if asked
     unknown = [n for n in names if n not in task_manager.all_tasks]
     if unknown:
         raise KeyError(
             f"unknown tasks {unknown}: neither bundled with attnkit ({sorted(TASKS)}) nor lm-eval tasks "
             "(list those with `lm-eval ls tasks`)"
         )
-    # RULER builds its prompts with the model's tokenizer, loaded from a path: save ours next to the task files.
-    tok_dir = work_dir / "tokenizer"
-    tokenizer.save_pretrained(tok_dir)
     try:
         output = lm_eval.simple_evaluate(
             model=lm,
             tasks=list(names),
             task_manager=task_manager,
             limit=samples,
-            metadata={"max_seq_lengths": list(lengths), "tokenizer": str(tok_dir), "pretrained": str(tok_dir)},
             log_samples=False,
             random_seed=None,
             numpy_random_seed=None,
@@ -284,6 +286,8 @@ def read_external_results(output: dict) -> list[TaskResult]:
             stderr = metrics.get(f"{metric}_stderr,{filt}")
             stderr = float(stderr) if isinstance(stderr, int | float) else float("nan")
             if metric.isdigit():
+                if value < 0:  # RULER reports -1 for its default lengths that were not asked for
+                    continue
                 rows.append(TaskResult(task=task, length=int(metric), score=float(value), stderr=stderr, n_samples=n))
             else:
                 rows.append(TaskResult(task=f"{task}:{metric}", length=0, score=float(value), stderr=stderr, n_samples=n))
