@@ -115,7 +115,7 @@ def eval_command(
     device: str = typer.Option(None),
 ) -> None:
     """Evaluate dense vs patched on locally generated tasks (a checkpoint, or --model with --recipe)."""
-    from attnkit.eval.report import new_run_dir
+    from attnkit.eval.report import run_dir_path
     from attnkit.pipeline import evaluate
 
     if (checkpoint is None) == (model is None) or (model is not None and recipe is None):
@@ -123,7 +123,7 @@ def eval_command(
     try:
         report = evaluate(
             checkpoint, tasks.split(",") if tasks else None, _int_list(lengths), samples, dtype=dtype, device=device,
-            model=model, recipe=recipe, out=new_run_dir(out, "eval"), fidelity=fidelity,
+            model=model, recipe=recipe, out=run_dir_path(out, "eval"), fidelity=fidelity,
         )
     except (ValueError, FileNotFoundError, RuntimeError, KeyError) as err:
         _fail(err)
@@ -148,14 +148,14 @@ def bench(
     device: str = typer.Option(None),
 ) -> None:
     """Time to first token, time per output token, peak memory and KV bytes/token, dense vs patched."""
-    from attnkit.eval.report import new_run_dir
+    from attnkit.eval.report import run_dir_path
     from attnkit.pipeline import bench as run_bench
 
     try:
         report = run_bench(
             model, recipe, checkpoint=checkpoint, shape=shape, layers=layers, lengths=_int_list(lengths),
             batch=batch, new_tokens=new_tokens, warmup=warmup, repeats=repeats, dtype=dtype, device=device,
-            out=new_run_dir(out, "bench"),
+            out=run_dir_path(out, "bench"),
         )
     except (ValueError, FileNotFoundError, RuntimeError) as err:
         _fail(err)

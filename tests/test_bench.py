@@ -94,6 +94,7 @@ def test_cli_bench_writes_a_run_folder(tmp_path):
 def test_cli_errors(args, message, tmp_path):
     result = runner.invoke(app, [*args, "--out", str(tmp_path / "o")])
     assert result.exit_code == 2 and message in result.output, result.output
+    assert not (tmp_path / "o").exists()  # nothing half-written
 
 
 def test_cli_eval_model_and_recipe_writes_a_run_folder(tmp_path):

@@ -27,12 +27,17 @@ from typing import Any
 
 import torch
 
-__all__ = ["environment", "new_run_dir", "write_bench_report", "write_eval_report"]
+__all__ = ["environment", "new_run_dir", "run_dir_path", "write_bench_report", "write_eval_report"]
+
+
+def run_dir_path(out: str | Path | None, kind: str) -> Path:
+    """``out``, or ``runs/<kind>-<timestamp>`` (not created: a run that fails early leaves nothing behind)."""
+    return Path(out) if out is not None else Path("runs") / f"{kind}-{time.strftime('%Y%m%d-%H%M%S')}"
 
 
 def new_run_dir(out: str | Path | None, kind: str) -> Path:
-    """``out``, or ``runs/<kind>-<timestamp>``; created (an existing folder is reused, files overwritten)."""
-    path = Path(out) if out is not None else Path("runs") / f"{kind}-{time.strftime('%Y%m%d-%H%M%S')}"
+    """:func:`run_dir_path`, created (an existing folder is reused, its files overwritten)."""
+    path = run_dir_path(out, kind)
     path.mkdir(parents=True, exist_ok=True)
     return path
 
