@@ -68,3 +68,17 @@ def test_sparse_triton_matches_reference_in_a_model(name, monkeypatch):
     real = mask.bool()
     rel = (tri - ref)[real].norm() / ref[real].norm()
     assert rel < 2e-2, float(rel)
+
+
+def test_bench_on_cuda_reports_memory_and_times():
+    """attnkit bench's CUDA path: event timings, peak memory, the Triton kernel inside a patched prefill."""
+    from attnkit.eval.speed import bench_model, compare_speed
+
+    model = smollm2_shaped().cuda().to(torch.bfloat16)
+    attnkit.apply(model, {"attnkit": 1, "name": "s", "steps": [{"method": "streaming_llm", "sink": 64, "window": 256}]})
+    rows = bench_model(model, [1024, 2048], new_tokens=4, repeats=2, show_progress=False)
+    assert [r.mode for r in rows] == ["dense", "patched"] * 2
+    for r in rows:
+        assert r.device == "cuda" and r.prefill_ms > 0 and r.decode_ms_per_token > 0 and r.peak_memory_mb > 0
+    (c1, c2) = compare_speed(rows)
+    assert 0 < c2.density < c1.density < 1 and c2.kv_ratio < 1
