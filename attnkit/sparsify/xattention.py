@@ -1,0 +1,243 @@
+"""XAttention (Xu et al. 2025, arXiv 2503.16428): block-sparse prefill chosen by strided antidiagonal scoring.
+
+Per input, layer and query head, XAttention estimates how much attention each (query block, key block) pair
+holds and keeps, per query block, the fewest key blocks whose estimated mass reaches a threshold ``τ``.
+
+Scoring (:func:`antidiagonal_block_scores`). Cut the query rows and the keys into tiles of ``stride`` tokens. The
+estimate of tile pair ``(n, m)`` is the sum of the ``stride`` products on its antidiagonal,
+``Σ_t q[n·s + s-1-t] · k[m·s + t]`` (``s`` = stride): one antidiagonal per tile, i.e. every ``s``-th antidiagonal
+of a block. As in the paper, this is one matmul of reshaped inputs: each key tile's ``s`` vectors are
+concatenated in order, each query tile's in reverse order, and the dot product of the two ``s·D`` vectors is the
+antidiagonal sum. The reduced logits are scaled by ``scale / stride`` (the reference divides by ``sqrt(D)`` and by
+the stride), soft-maxed per reduced query row over the key tiles it may see, and summed over the reduced rows and
+keys of every block. Like the reference, a tile whose pairs are only partly causal (the diagonal tiles) is scored
+with its whole antidiagonal.
+
+Selection (:func:`select_blocks_by_threshold`). Per query block row, the first key block and the diagonal key
+block(s) (those holding the query block's own positions) are always kept and counted first; the remaining visible
+blocks are taken in descending score order while the kept mass is still below ``τ`` times the row's total, so
+the kept set is the smallest one reaching ``τ`` (the reference's ``find_blocks_chunked``). ``τ = 1`` keeps every
+causally visible block, so the model then equals dense attention.
+
+Conventions beyond the reference (which handles one unpadded sequence whose ``Sq`` and ``Sk`` are whole numbers
+of chunks): queries are the last ``Sq`` of ``Sk`` positions and tiles/blocks are counted from query row 0 and
+key 0 (see :mod:`attnkit.kernels.block_mask`); a key tile is visible to a reduced query row iff the tile holds a
+key that one of the row's queries may see; padding keys and padding query rows (``key_padding_mask``) contribute
+nothing, as the reference's zero padding at the sequence end does, and key tiles holding only padding get no
+score. GQA-native: query head ``h`` reads KV head ``h // (Hq // Hkv)``.
+"""
+
+from __future__ import annotations
+
+import torch
+from pydantic import Field, field_validator, model_validator
+
+from attnkit.kernels import BlockMask
+from attnkit.kernels.block_mask import causal_block_matrix, num_blocks
+from attnkit.method import PrefillLayer, PrefillMethod
+from attnkit.registry import register
+
+CHUNK_BYTES = 256 * 2**20  # budget of one chunk's fp32 reduced logits [B, Hq, rows, Sk / stride]
+
+
+# ------------------------------------------------------------------------------------------------- scoring
+def antidiagonal_block_scores(
+    query: torch.Tensor,
+    key: torch.Tensor,
+    block_size: int,
+    stride: int,
+    scale: float | None = None,
+    key_padding_mask: torch.Tensor | None = None,
+    chunk_bytes: int | None = None,
+) -> torch.Tensor:
+    """XAttention's strided antidiagonal estimate of the attention mass of every (query block, key block).
+
+    Args:
+        query: ``[B, Hq, Sq, D]`` (post-RoPE; any float dtype, computed in fp32).
+        key: ``[B, Hkv, Sk, D]``, ``Hq % Hkv == 0``, ``Sk >= Sq``; the queries are the last ``Sq`` positions.
+        block_size: query and key block size in tokens, a multiple of ``stride``.
+        stride: antidiagonal stride ``s``: tiles of ``s × s`` tokens, one antidiagonal sampled per tile.
+        scale: softmax scale, default ``D ** -0.5``; the reduced logits use ``scale / stride``.
+        key_padding_mask: optional bool ``[B, Sk]``, True = real token; padding keys and padding query rows
+            (``key_padding_mask[:, Sk - Sq:]`` False) contribute nothing.
+        chunk_bytes: memory budget of one chunk of query blocks (default :data:`CHUNK_BYTES`); the result does not
+            depend on it beyond fp32 rounding.
+
+    Returns:
+        float32 ``[B, Hq, QB, KB]``: per block, the sum over its reduced query rows of their softmax probabilities
+        on its key tiles. A row of the result sums to the number of real reduced query rows of the query block;
+        blocks holding no causally visible pair, or only padding keys, are exactly 0.
+    """
+    if query.dim() != 4 or key.dim() != 4:
+        raise ValueError(f"expected query [B,Hq,Sq,D] and key [B,Hkv,Sk,D]; got {tuple(query.shape)}, {tuple(key.shape)}")
+    batch, hq, sq, dim = query.shape
+    hkv, sk = key.shape[1], key.shape[2]
+    if key.shape[0] != batch or key.shape[3] != dim or hq % hkv:
+        raise ValueError(f"query {tuple(query.shape)} and key {tuple(key.shape)} disagree (batch, head_dim or Hq % Hkv)")
+    if sq > sk:
+        raise ValueError(f"Sq ({sq}) > Sk ({sk}): the queries must be the last Sq of the Sk positions")
+    if stride <= 0 or block_size <= 0 or block_size % stride:
+        raise ValueError(f"stride ({stride}) must be a positive divisor of block_size ({block_size})")
+    if key_padding_mask is not None and tuple(key_padding_mask.shape) != (batch, sk):
+        raise ValueError(f"key_padding_mask must be [B, Sk] = [{batch}, {sk}], got {tuple(key_padding_mask.shape)}")
+
+    s, group, device = stride, hq // hkv, query.device
+    offset = sk - sq
+    per_block = block_size // s  # tiles per block
+    qb, kb = num_blocks(sq, block_size), num_blocks(sk, block_size)
+    nq, nk = qb * per_block, kb * per_block  # tiles, padded to whole blocks
+    scale = dim**-0.5 if scale is None else scale
+
+    # Padding and the tail past the sequence become zero vectors: they add nothing to any antidiagonal sum.
+    q = query.float()
+    k = key.float()
+    kpm = None if key_padding_mask is None else key_padding_mask.to(device=device, dtype=torch.bool)
+    if kpm is not None:
+        k = k * kpm[:, None, :, None]
+        q = q * kpm[:, None, offset:, None]
+    q = torch.nn.functional.pad(q, (0, 0, 0, nq * s - sq))
+    k = torch.nn.functional.pad(k, (0, 0, 0, nk * s - sk))
+    # Key tile m: k[m·s], ..., k[m·s + s-1] concatenated; query tile n: the same in reverse order.
+    rk = k.reshape(batch, hkv, 1, nk, s * dim)
+    rq = q.reshape(batch, hkv, group, nq, s, dim).flip(4).reshape(batch, hkv, group, nq, s * dim)
+
+    # Which tiles hold anything: a reduced query row with a real query row, a key tile with a real key.
+    rows_real = torch.arange(nq * s, device=device) < sq
+    keys_real = torch.arange(nk * s, device=device) < sk
+    if kpm is None:
+        row_tile_real = rows_real.view(1, nq, s).any(-1)  # [1, nq]
+        key_tile_real = keys_real.view(1, nk, s).any(-1)  # [1, nk]
+    else:
+        row_pad = torch.nn.functional.pad(kpm[:, offset:], (0, nq * s - sq))
+        key_pad = torch.nn.functional.pad(kpm, (0, nk * s - sk))
+        row_tile_real = (row_pad & rows_real).view(batch, nq, s).any(-1)
+        key_tile_real = (key_pad & keys_real).view(batch, nk, s).any(-1)
+
+    out = torch.zeros(batch, hq, qb, kb, dtype=torch.float32, device=device)
+    budget = CHUNK_BYTES if chunk_bytes is None else chunk_bytes
+    blocks_per_chunk = max(1, budget // max(1, batch * hq * per_block * nk * 4))
+    tile_first_key = torch.arange(nk, device=device) * s
+    for i0 in range(0, qb, blocks_per_chunk):
+        i1 = min(qb, i0 + blocks_per_chunk)
+        n0, n1 = i0 * per_block, i1 * per_block
+        # Key blocks the chunk's last row can see: nothing right of them gets any score.
+        last_pos = min(n1 * s, sq) - 1 + offset
+        kb_chunk = last_pos // block_size + 1
+        m1 = kb_chunk * per_block
+        logits = torch.matmul(rq[:, :, :, n0:n1], rk[..., :m1, :].transpose(-1, -2)) * (scale / s)
+        logits = logits.reshape(batch, hq, n1 - n0, m1)
+        # Tile (n, m) is visible iff its first key is at or before its last query's position.
+        row_last_pos = torch.arange(n0, n1, device=device) * s + s - 1 + offset
+        allowed = tile_first_key[None, :m1] <= row_last_pos[:, None]  # [rows, m1]
+        allowed = allowed[None] & key_tile_real[:, None, :m1]  # [B or 1, rows, m1]
+        logits = logits.masked_fill(~allowed[:, None], float("-inf"))
+        probs = torch.softmax(logits, dim=-1)
+        probs = torch.where(row_tile_real[:, None, n0:n1, None] & allowed[:, None], probs, 0.0)  # NaN rows → 0
+        sums = probs.reshape(batch, hq, i1 - i0, per_block, kb_chunk, per_block).sum((3, 5))
+        out[:, :, i0:i1, :kb_chunk] = sums
+    return out
+
+
+# ----------------------------------------------------------------------------------------------- selection
+def anchor_blocks(q_len: int, kv_len: int, block_size: int, device: torch.device | str = "cpu") -> torch.Tensor:
+    """Boolean ``[QB, KB]``: the blocks XAttention always keeps — the first key block and the diagonal block(s),
+    i.e. the key blocks holding the query block's own positions (two when ``Sk - Sq`` is not block-aligned)."""
+    qb, kb = num_blocks(q_len, block_size), num_blocks(kv_len, block_size)
+    offset = kv_len - q_len
+    qi = torch.arange(qb, device=device)
+    first_pos = qi * block_size + offset
+    last_pos = torch.clamp((qi + 1) * block_size, max=q_len) - 1 + offset
+    kj = torch.arange(kb, device=device)
+    diagonal = (kj[None, :] >= (first_pos // block_size)[:, None]) & (kj[None, :] <= (last_pos // block_size)[:, None])
+    return diagonal | (kj == 0)[None, :]
+
+
+def select_blocks_by_threshold(
+    scores: torch.Tensor,
+    threshold: float,
+    causal_visible: torch.Tensor,
+    always_keep: torch.Tensor | None = None,
+) -> torch.Tensor:
+    """Per query block row, the smallest set of key blocks whose score reaches ``threshold`` of the row's total.
+
+    Args:
+        scores: non-negative ``[..., QB, KB]`` block scores (e.g. :func:`antidiagonal_block_scores`).
+        threshold: ``τ`` in (0, 1]. ``τ >= 1`` keeps every causally visible block.
+        causal_visible: boolean ``[QB, KB]`` (or broadcastable): blocks holding a causally visible pair; no other
+            block is ever selected, and only these count in a row's total.
+        always_keep: boolean, broadcastable to ``scores``: blocks kept whatever their score and counted first;
+            default: the first key block and each row's last visible block (the diagonal block when the
+            query/key offset is block-aligned; see :func:`anchor_blocks` for the general case).
+
+    Returns:
+        boolean ``scores.shape``: the forced (visible) blocks, then the other visible blocks in descending score
+        order (stable: equal scores in ascending block order) while the kept sum before each one is still below
+        ``τ · total``. Computed in fp64.
+    """
+    visible = causal_visible.to(device=scores.device, dtype=torch.bool)
+    kb = scores.shape[-1]
+    if always_keep is None:
+        last_visible = (visible.long() * torch.arange(1, kb + 1, device=scores.device)).argmax(-1, keepdim=True)
+        always_keep = torch.zeros_like(visible).scatter_(-1, last_visible, True)
+        always_keep[..., 0] = True
+    keep = always_keep.to(device=scores.device, dtype=torch.bool) & visible
+    keep = keep.expand(scores.shape)
+    values = torch.where(visible, scores.double(), 0.0)
+    required = values.sum(-1, keepdim=True) * float(threshold)
+    forced_sum = torch.where(keep, values, 0.0).sum(-1, keepdim=True)
+    candidate = visible & ~keep
+    # Scores are >= 0, so -1 puts the non-candidates last; the stable sort keeps ties in block order.
+    order = torch.sort(torch.where(candidate, values, -1.0), dim=-1, descending=True, stable=True).indices
+    ordered = values.gather(-1, order)
+    before = torch.cat([forced_sum, ordered[..., :-1]], -1).cumsum(-1)  # kept mass before each candidate
+    take = candidate.gather(-1, order) & (before < required)
+    selected = torch.zeros_like(take).scatter_(-1, order, take)
+    selected = selected | keep
+    if threshold >= 1:
+        selected = selected | visible
+    return selected
+
+
+# ---------------------------------------------------------------------------------------------------- method
+@register("xattention")
+class XAttention(PrefillMethod):
+    """XAttention: per input and head, the fewest key blocks whose antidiagonal-estimated mass reaches ``threshold``."""
+
+    stride: int = Field(8, gt=0, description="antidiagonal stride in tokens (a divisor of block_size)")
+    threshold: float = Field(0.9, description="fraction of the estimated attention mass each query block keeps, in (0, 1]")
+
+    @field_validator("threshold")
+    @classmethod
+    def _threshold_range(cls, value: float) -> float:
+        if not 0 < value <= 1:
+            raise ValueError(f"threshold must be in (0, 1], got {value}")
+        return value
+
+    @model_validator(mode="after")
+    def _stride_divides_block(self) -> XAttention:
+        if self.block_size % self.stride:
+            raise ValueError(f"stride ({self.stride}) must divide block_size ({self.block_size})")
+        return self
+
+    def make_prefill_layer(self, layer_idx: int, attention) -> PrefillLayer:
+        return XAttentionLayer(self, layer_idx, getattr(attention, "scaling", None))
+
+
+class XAttentionLayer(PrefillLayer):
+    """Scores the blocks of each input by antidiagonals and keeps those reaching the threshold, per query head."""
+
+    method: XAttention
+
+    def __init__(self, method: XAttention, layer_idx: int, scale: float | None = None):
+        super().__init__(method, layer_idx)
+        self.scale = scale  # the attention module's softmax scale (None: head_dim ** -0.5)
+
+    def select_blocks(self, query, key, key_padding_mask) -> BlockMask:
+        m = self.method
+        bs = m.block_size
+        q_len, kv_len = query.shape[-2], key.shape[-2]
+        scores = antidiagonal_block_scores(query, key, bs, m.stride, self.scale, key_padding_mask)
+        visible = causal_block_matrix(q_len, kv_len, (bs, bs), query.device)
+        anchors = anchor_blocks(q_len, kv_len, bs, query.device)
+        keep = select_blocks_by_threshold(scores, m.threshold, visible, anchors)
+        return BlockMask.from_dense(keep, q_len, kv_len, bs)
