@@ -118,8 +118,8 @@ def eval_command(
     from attnkit.eval.report import run_dir_path
     from attnkit.pipeline import evaluate
 
-    if (checkpoint is None) == (model is None) or (model is not None and recipe is None):
-        _fail(ValueError("give a checkpoint folder, or --model and --recipe"))
+    if (checkpoint is None) == (model is None) or (model is None) != (recipe is None):
+        _fail(ValueError("give a checkpoint folder, or --model and --recipe (a checkpoint carries its own recipe)"))
     try:
         report = evaluate(
             checkpoint, tasks.split(",") if tasks else None, _int_list(lengths), samples, dtype=dtype, device=device,

@@ -89,6 +89,7 @@ def test_cli_bench_writes_a_run_folder(tmp_path):
 @pytest.mark.parametrize("args, message", [
     (["eval"], "give a checkpoint folder"),
     (["eval", "--model", "tiny-llama"], "give a checkpoint folder"),
+    (["eval", "some-dir", "--recipe", "sliding_window"], "carries its own recipe"),
     (["bench", "--shape", "nope"], "unknown shape"),
 ])
 def test_cli_errors(args, message, tmp_path):
