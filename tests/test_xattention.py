@@ -230,3 +230,47 @@ def test_defaults_and_bad_settings():
         m.block_size = 60
     with pytest.raises(ValueError, match="must be a positive divisor"):
         antidiagonal_block_scores(torch.zeros(1, 1, 8, 4), torch.zeros(1, 1, 8, 4), 16, 5)
+
+
+# ------------------------------------------------------------------------------------------------ calibration
+def test_uncalibrated_heads_share_the_recipe_threshold(tiny):
+    model, _ = tiny
+    attnkit.apply(model, recipe({"stride": 4, "threshold": 0.7}))
+    layer = model.model.layers[0].self_attn.attnkit.prefill
+    assert torch.equal(layer.thresholds, torch.full((model.config.num_attention_heads,), 0.7))
+
+
+def test_calibrated_thresholds_reach_the_target_recall(tiny, tmp_path):
+    from attnkit.eval.fidelity import attention_recall
+    from attnkit.sparsify.xattention import CALIBRATION_GRID
+
+    model, tokenizer = tiny
+    ids, _ = random_batch(model.config.vocab_size, 1, 320, seed=3)
+    attnkit.apply(model, recipe({"stride": 4, "calibrate_recall": 0.9}), data=ids)
+    thresholds = model.model.layers[0].self_attn.attnkit.prefill.thresholds
+    assert all(min(abs(t - g) for g in CALIBRATION_GRID) < 1e-6 for t in thresholds.tolist())
+    # Layer 0 sees the same input as during calibration: every head reaches the target, so their mean does too.
+    report = attention_recall(model, ids)
+    layer0 = next(r for r in report.layers if r.layer == 0)
+    assert layer0.recall >= 0.9 - 1e-6 and layer0.density < 1
+    # The calibrated thresholds are checkpoint tensors: they come back exactly.
+    patched = logits(model, ids)
+    out = attnkit.save(model, tmp_path / "ckpt", tokenizer=tokenizer)
+    reloaded, _ = attnkit.load(out, dtype="float32", device="cpu")
+    assert torch.equal(reloaded.model.layers[0].self_attn.attnkit.prefill.thresholds, thresholds)
+    assert torch.equal(logits(reloaded, ids), patched)
+
+
+def test_calibrating_to_full_recall_is_dense_on_the_calibration_text(tiny):
+    model, _ = tiny
+    ids, _ = random_batch(model.config.vocab_size, 1, 200, seed=5)
+    dense = logits(model, ids)
+    attnkit.apply(model, recipe({"stride": 4, "calibrate_recall": 1.0}), data=ids)
+    torch.testing.assert_close(logits(model, ids), dense, atol=2e-5, rtol=0)
+
+
+def test_calibration_settings_are_checked():
+    cls = get_method("xattention")
+    for bad in (0, 1.2):
+        with pytest.raises(ValidationError, match=r"calibrate_recall must be in \(0, 1\]"):
+            cls(calibrate_recall=bad)

@@ -154,7 +154,7 @@ def anchor_blocks(q_len: int, kv_len: int, block_size: int, device: torch.device
 
 def select_blocks_by_threshold(
     scores: torch.Tensor,
-    threshold: float,
+    threshold: float | torch.Tensor,
     causal_visible: torch.Tensor,
     always_keep: torch.Tensor | None = None,
 ) -> torch.Tensor:
@@ -162,7 +162,8 @@ def select_blocks_by_threshold(
 
     Args:
         scores: non-negative ``[..., QB, KB]`` block scores (e.g. :func:`antidiagonal_block_scores`).
-        threshold: ``τ`` in (0, 1]. ``τ >= 1`` keeps every causally visible block.
+        threshold: ``τ`` in (0, 1], a float or a tensor broadcastable to ``scores[..., :1]`` (e.g. ``[Hq, 1, 1]``
+            per query head). ``τ >= 1`` keeps every causally visible block.
         causal_visible: boolean ``[QB, KB]`` (or broadcastable): blocks holding a causally visible pair; no other
             block is ever selected, and only these count in a row's total.
         always_keep: boolean, broadcastable to ``scores``: blocks kept whatever their score and counted first;
@@ -183,7 +184,8 @@ def select_blocks_by_threshold(
     keep = always_keep.to(device=scores.device, dtype=torch.bool) & visible
     keep = keep.expand(scores.shape)
     values = torch.where(visible, scores.double(), 0.0)
-    required = values.sum(-1, keepdim=True) * float(threshold)
+    tau = threshold.to(device=scores.device, dtype=torch.float64) if torch.is_tensor(threshold) else float(threshold)
+    required = values.sum(-1, keepdim=True) * tau
     forced_sum = torch.where(keep, values, 0.0).sum(-1, keepdim=True)
     candidate = visible & ~keep
     # Scores are >= 0, so -1 puts the non-candidates last; the stable sort keeps ties in block order.
@@ -193,7 +195,9 @@ def select_blocks_by_threshold(
     take = candidate.gather(-1, order) & (before < required)
     selected = torch.zeros_like(take).scatter_(-1, order, take)
     selected = selected | keep
-    if threshold >= 1:
+    if torch.is_tensor(tau):
+        selected = selected | (visible & (tau >= 1))
+    elif tau >= 1:
         selected = selected | visible
     return selected
 
@@ -213,6 +217,20 @@ class XAttention(PrefillMethod):
             raise ValueError(f"threshold must be in (0, 1], got {value}")
         return value
 
+    calibrate_recall: float | None = Field(
+        None,
+        description="if set, fit per-head thresholds: each head gets the smallest τ of CALIBRATION_GRID whose blocks "
+        "hold this fraction of the true attention mass on calibration text (None: `threshold` for every head)",
+    )
+    calibration_length: int = Field(2048, gt=0, description="tokens of calibration text (built-in corpus by default)")
+
+    @field_validator("calibrate_recall")
+    @classmethod
+    def _recall_range(cls, value: float | None) -> float | None:
+        if value is not None and not 0 < value <= 1:
+            raise ValueError(f"calibrate_recall must be in (0, 1], got {value}")
+        return value
+
     @model_validator(mode="after")
     def _stride_divides_block(self) -> XAttention:
         if self.block_size % self.stride:
@@ -220,7 +238,18 @@ class XAttention(PrefillMethod):
         return self
 
     def make_prefill_layer(self, layer_idx: int, attention) -> PrefillLayer:
-        return XAttentionLayer(self, layer_idx, getattr(attention, "scaling", None))
+        heads = attention.config.num_attention_heads
+        return XAttentionLayer(self, layer_idx, heads, getattr(attention, "scaling", None))
+
+    def fit(self, model, data=None) -> None:
+        """Per-head thresholds reaching ``calibrate_recall`` of the true attention mass (nothing if it is None).
+
+        ``data``: token ids ``[B, S]`` (or ``[S]``); default: ``calibration_length`` tokens of the built-in corpus,
+        tokenized with the tokenizer ``attnkit.load_model`` attached to the model.
+        """
+        if self.calibrate_recall is None:
+            return
+        calibrate_thresholds(model, self, data)
 
 
 class XAttentionLayer(PrefillLayer):
@@ -228,9 +257,11 @@ class XAttentionLayer(PrefillLayer):
 
     method: XAttention
 
-    def __init__(self, method: XAttention, layer_idx: int, scale: float | None = None):
+    def __init__(self, method: XAttention, layer_idx: int, num_heads: int, scale: float | None = None):
         super().__init__(method, layer_idx)
         self.scale = scale  # the attention module's softmax scale (None: head_dim ** -0.5)
+        # τ per query head: the recipe's threshold, or calibrated values (saved in attnkit.safetensors).
+        self.register_buffer("thresholds", torch.full((num_heads,), float(method.threshold)))
 
     def select_blocks(self, query, key, key_padding_mask) -> BlockMask:
         m = self.method
@@ -239,5 +270,95 @@ class XAttentionLayer(PrefillLayer):
         scores = antidiagonal_block_scores(query, key, bs, m.stride, self.scale, key_padding_mask)
         visible = causal_block_matrix(q_len, kv_len, (bs, bs), query.device)
         anchors = anchor_blocks(q_len, kv_len, bs, query.device)
-        keep = select_blocks_by_threshold(scores, m.threshold, visible, anchors)
+        keep = select_blocks_by_threshold(scores, self.thresholds.view(-1, 1, 1), visible, anchors)
         return BlockMask.from_dense(keep, q_len, kv_len, bs)
+
+
+# ------------------------------------------------------------------------------------------------ calibration
+# Candidate thresholds, ascending: each head takes the first one whose true recall reaches the target.
+CALIBRATION_GRID = (0.5, 0.6, 0.7, 0.8, 0.85, 0.9, 0.925, 0.95, 0.96, 0.97, 0.98, 0.99, 0.995, 1.0)
+
+
+@torch.no_grad()
+def calibrate_thresholds(model, method: XAttention, data=None) -> dict[int, list[float]]:
+    """Set each XAttention layer's per-head ``thresholds`` to the smallest grid value reaching the target recall.
+
+    One forward pass over the calibration input with every threshold at 1 (so the model runs dense and later
+    layers see dense inputs); a forward hook on each layer computes, from its ``query``/``key``, the antidiagonal
+    scores, the true block attention mass (:func:`~attnkit.kernels.block_mass.block_attention_mass`, blockwise)
+    and, for every grid value, the fraction of the true mass the selected blocks hold, per query head (weighted by
+    real query rows). Returns layer → thresholds.
+    """
+    from attnkit.attention import attention_modules
+    from attnkit.kernels.block_mass import block_attention_mass, query_block_rows
+
+    layers = {
+        idx: a.attnkit.prefill
+        for idx, a in enumerate(attention_modules(model))
+        if getattr(a, "attnkit", None) is not None
+        and isinstance(a.attnkit.prefill, XAttentionLayer)
+        and a.attnkit.prefill.method is method
+    }
+    if not layers:
+        return {}
+    if data is None:
+        tokenizer = getattr(model, "attnkit_tokenizer", None)
+        if tokenizer is None:
+            raise ValueError("XAttention calibration needs token ids (data=) or a model loaded by attnkit.load_model")
+        from attnkit.eval.fidelity import corpus_ids
+
+        data = corpus_ids(tokenizer, method.calibration_length)
+    ids = torch.as_tensor(data)
+    ids = (ids[None] if ids.dim() == 1 else ids).to(next(model.parameters()).device)
+    grid = torch.tensor(CALIBRATION_GRID, dtype=torch.float64)
+    kept = {idx: torch.zeros(len(grid), layer.thresholds.numel(), dtype=torch.float64) for idx, layer in layers.items()}
+    total = {idx: torch.zeros(layer.thresholds.numel(), dtype=torch.float64) for idx, layer in layers.items()}
+
+    def hook(idx):
+        layer = layers[idx]
+
+        def run(module, args, kwargs, output):
+            query, key = args[0], args[1]
+            kpm = args[3] if len(args) > 3 else kwargs.get("key_padding_mask")
+            if query.shape[-2] < max(2, method.min_seq_len):
+                return
+            bs = method.block_size
+            q_len, kv_len = query.shape[-2], key.shape[-2]
+            scores = antidiagonal_block_scores(query, key, bs, method.stride, layer.scale, kpm)
+            mass = block_attention_mass(query, key, bs, layer.scale, kpm).double()  # [B, Hq, QB, KB]
+            rows = query_block_rows(q_len, kv_len, bs, kpm, query.device).double()  # [B or 1, QB]
+            visible = causal_block_matrix(q_len, kv_len, (bs, bs), query.device)
+            anchors = anchor_blocks(q_len, kv_len, bs, query.device)
+            weight = mass.sum(-1) * rows[:, None]  # [B, Hq, QB]
+            total[idx] += weight.sum((0, 2)).cpu()
+            for g, tau in enumerate(CALIBRATION_GRID):
+                keep = select_blocks_by_threshold(scores, tau, visible, anchors)
+                kept[idx][g] += ((mass * keep).sum(-1) * rows[:, None]).sum((0, 2)).cpu()
+
+        return run
+
+    saved = {idx: layer.thresholds.clone() for idx, layer in layers.items()}
+    handles = []
+    try:
+        for idx, layer in layers.items():
+            layer.thresholds.fill_(1.0)
+            attention = attention_modules(model)[idx].attnkit
+            handles.append(attention.register_forward_hook(hook(idx), with_kwargs=True))
+        model(input_ids=ids, use_cache=False, logits_to_keep=1)
+    except BaseException:
+        for idx, layer in layers.items():
+            layer.thresholds.copy_(saved[idx])
+        raise
+    finally:
+        for handle in handles:
+            handle.remove()
+
+    out = {}
+    for idx, layer in layers.items():
+        recall = kept[idx] / total[idx].clamp_min(1e-30)  # [grid, Hq]
+        reached = recall >= method.calibrate_recall - 1e-12
+        reached[-1] = True  # τ = 1 keeps every visible block: recall 1
+        first = reached.double().argmax(0)  # the smallest grid value that reaches the target
+        layer.thresholds.copy_(grid[first].to(layer.thresholds))
+        out[idx] = layer.thresholds.tolist()
+    return out
