@@ -41,8 +41,10 @@ CHUNK_BYTES = 256 * 2**20  # one fp32 [rows, vocab] tensor per chunk of position
 
 
 # ---------------------------------------------------------------------------------------------- plumbing
-def _batch(input_ids: torch.Tensor, attention_mask: torch.Tensor | None) -> tuple[torch.Tensor, torch.Tensor | None]:
-    """``[S]`` or ``[B, S]`` ids and mask → ``ids [B, S]``, ``mask`` bool ``[B, S]`` or None."""
+def _batch(
+    model: PreTrainedModel, input_ids: torch.Tensor, attention_mask: torch.Tensor | None
+) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """``[S]`` or ``[B, S]`` ids and mask → ``ids [B, S]``, ``mask`` bool ``[B, S]`` or None, on the model's device."""
     ids = input_ids[None] if input_ids.dim() == 1 else input_ids
     if ids.dim() != 2:
         raise ValueError(f"input_ids must be [S] or [B, S], got {tuple(input_ids.shape)}")
@@ -51,8 +53,8 @@ def _batch(input_ids: torch.Tensor, attention_mask: torch.Tensor | None) -> tupl
         mask = attention_mask[None] if attention_mask.dim() == 1 else attention_mask
         if mask.shape != ids.shape:
             raise ValueError(f"attention_mask {tuple(mask.shape)} does not match input_ids {tuple(ids.shape)}")
-        mask = mask.bool()
-    return ids, mask
+        mask = mask.to(_device(model)).bool()
+    return ids.to(_device(model)), mask
 
 
 def _device(model: PreTrainedModel) -> torch.device:
@@ -120,9 +122,7 @@ def nll(
         offset: first target position.
         attention_mask: optional ``[B, S]`` (1 = real token).
     """
-    ids, mask = _batch(input_ids, attention_mask)
-    ids = ids.to(_device(model))
-    mask = None if mask is None else mask.to(ids.device)
+    ids, mask = _batch(model, input_ids, attention_mask)
     seq = ids.shape[1]
     first = max(offset, 1)
     if first >= seq:
@@ -160,9 +160,7 @@ def compare_logits(
         offset: first compared position.
         attention_mask: optional ``[B, S]`` (1 = real token).
     """
-    ids, mask = _batch(input_ids, attention_mask)
-    ids = ids.to(_device(model))
-    mask = None if mask is None else mask.to(ids.device)
+    ids, mask = _batch(model, input_ids, attention_mask)
     batch, seq = ids.shape
     if not 0 <= offset < seq:
         raise ValueError(f"offset {offset} leaves no position to compare in a sequence of {seq} tokens")
@@ -388,9 +386,7 @@ def attention_recall(
     """
     if not is_patched(model):
         raise ValueError("attention_recall needs a model patched by attnkit.apply with a block-sparse prefill method")
-    ids, mask = _batch(input_ids, attention_mask)
-    ids = ids.to(_device(model))
-    mask = None if mask is None else mask.to(ids.device)
+    ids, mask = _batch(model, input_ids, attention_mask)
 
     attentions = attention_modules(model)
     layers = [a.attnkit for a in attentions if getattr(a, "attnkit", None) is not None]

@@ -203,23 +203,29 @@ def run_tasks(
         results = []
         for local in local_tasks:
             current.append(local.name)
-            output = lm_eval.simple_evaluate(
-                model=lm,
-                tasks=[local.name],
-                task_manager=task_manager,
-                log_samples=False,
-                # None: leave the caller's Python/NumPy/torch RNG state alone (decoding is greedy anyway).
-                random_seed=None,
-                numpy_random_seed=None,
-                torch_random_seed=None,
-                fewshot_random_seed=None,
-            )
+            output = _simple_evaluate(lm_eval, lm, [local.name], task_manager)
             results.append(_read_result(output, local))
         if external:
             bars["lm-eval"] = progress.add_task("lm-eval: " + ", ".join(external), total=None)
             current.append("lm-eval")
             results.extend(_run_external(lm_eval, lm, external, tokenizer, lengths, samples, work_dir))
         return results
+
+
+def _simple_evaluate(lm_eval, lm, tasks: list[str], task_manager, **kwargs) -> dict:
+    """``lm_eval.simple_evaluate`` as attnkit calls it: no sample logs, the caller's RNG state left alone."""
+    return lm_eval.simple_evaluate(
+        model=lm,
+        tasks=tasks,
+        task_manager=task_manager,
+        log_samples=False,
+        # None: leave the caller's Python/NumPy/torch RNG state alone (decoding is greedy anyway).
+        random_seed=None,
+        numpy_random_seed=None,
+        torch_random_seed=None,
+        fewshot_random_seed=None,
+        **kwargs,
+    )
 
 
 # Generation budget assumed for lm-eval's own tasks when sizing max_length (RULER asks for at most 128 tokens).
@@ -251,17 +257,7 @@ def _run_external(lm_eval, lm, names, tokenizer, lengths, samples, work_dir: Pat
             "(list those with `lm-eval ls tasks`)"
         )
     try:
-        output = lm_eval.simple_evaluate(
-            model=lm,
-            tasks=list(names),
-            task_manager=task_manager,
-            limit=samples,
-            log_samples=False,
-            random_seed=None,
-            numpy_random_seed=None,
-            torch_random_seed=None,
-            fewshot_random_seed=None,
-        )
+        output = _simple_evaluate(lm_eval, lm, list(names), task_manager, limit=samples)
     except Exception as err:  # missing extras, unreachable data: say what to install or download
         raise RuntimeError(
             f"lm-eval task(s) {list(names)} could not run: {type(err).__name__}: {err}\n"

@@ -36,6 +36,7 @@ from attnkit.kernels import BlockMask
 from attnkit.kernels.block_mask import causal_block_matrix, num_blocks
 from attnkit.method import PrefillLayer, PrefillMethod
 from attnkit.registry import register
+from attnkit.sparsify.fixed import block_spans
 
 CHUNK_BYTES = 256 * 2**20  # budget of one chunk's fp32 reduced logits [B, Hq, rows, Sk / stride]
 
@@ -142,14 +143,9 @@ def antidiagonal_block_scores(
 def anchor_blocks(q_len: int, kv_len: int, block_size: int, device: torch.device | str = "cpu") -> torch.Tensor:
     """Boolean ``[QB, KB]``: the blocks XAttention always keeps — the first key block and the diagonal block(s),
     i.e. the key blocks holding the query block's own positions (two when ``Sk - Sq`` is not block-aligned)."""
-    qb, kb = num_blocks(q_len, block_size), num_blocks(kv_len, block_size)
-    offset = kv_len - q_len
-    qi = torch.arange(qb, device=device)
-    first_pos = qi * block_size + offset
-    last_pos = torch.clamp((qi + 1) * block_size, max=q_len) - 1 + offset
-    kj = torch.arange(kb, device=device)
-    diagonal = (kj[None, :] >= (first_pos // block_size)[:, None]) & (kj[None, :] <= (last_pos // block_size)[:, None])
-    return diagonal | (kj == 0)[None, :]
+    q_first, q_last, k_first, k_last = block_spans(q_len, kv_len, block_size, device)
+    diagonal = (k_last >= q_first) & (k_first <= q_last)  # key blocks overlapping the query block's positions
+    return diagonal | (k_first == 0)
 
 
 def select_blocks_by_threshold(

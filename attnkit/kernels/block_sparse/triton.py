@@ -26,6 +26,7 @@ compiled resources (registers, spills, shared memory) without a GPU.
 
 from __future__ import annotations
 
+import functools
 import os
 
 import torch
@@ -209,9 +210,14 @@ def _needs_int64(*tensors: torch.Tensor) -> bool:
     return any(t.shape[2] * t.stride(2) >= 2**31 for t in tensors)
 
 
+@functools.cache
+def _major_capability(index: int | None) -> int:
+    return torch.cuda.get_device_capability(index)[0]
+
+
 def _tma_ok(k: torch.Tensor, v: torch.Tensor, dim: int, head_dim: int) -> bool:
     """The bulk tensor copy engine (Hopper and newer) needs 16-byte aligned strides and an unpadded head_dim."""
-    if INTERPRET or not k.is_cuda or torch.cuda.get_device_capability(k.device)[0] < 9 or dim != head_dim:
+    if INTERPRET or not k.is_cuda or _major_capability(k.device.index) < 9 or dim != head_dim:
         return False
     return all(t.data_ptr() % 16 == 0 and all(s * t.element_size() % 16 == 0 for s in t.stride()[:-1]) for t in (k, v))
 
