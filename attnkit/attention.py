@@ -30,6 +30,7 @@ from transformers.masking_utils import (
 from transformers.utils import logging
 
 from attnkit.kernels import block_sparse_attention
+from attnkit.kernels.vertical_slash import VerticalSlashMask, vertical_slash_attention
 from attnkit.method import DecodeLayer, PrefillLayer
 
 logger = logging.get_logger(__name__)
@@ -100,6 +101,8 @@ class AttnkitAttention(nn.Module):
             else:
                 block_mask = self.prefill.select_blocks(query, key, key_padding_mask)
                 self.stats = {"dense_fallback": False, "q_len": sq, "kv_len": sk, "block_mask": block_mask}
+                if isinstance(block_mask, VerticalSlashMask):  # MInference: blocks + token-level key columns
+                    return vertical_slash_attention(query, key, value, block_mask, scale, key_padding_mask)
                 return block_sparse_attention(query, key, value, block_mask, scale, key_padding_mask)
         return dense_attention(query, key, value, key_padding_mask, scale)
 

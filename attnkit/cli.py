@@ -101,6 +101,58 @@ def convert(
     print_report(report)
 
 
+@app.command()
+def calibrate(
+    recipe: str = typer.Option(..., "--recipe", "-r", help="built-in recipe name or YAML path (xattention, minference)"),
+    model: str = typer.Option("llama", "--model", "-m", help="alias, HF id, folder or .gguf"),
+    out: Path = typer.Option(None, "--out", "-o", help="checkpoint folder (default runs/<recipe>-<model>-calibrated)"),
+    length: str = typer.Option(None, help="tokens of calibration text, e.g. 4k (default: the recipe's)"),
+    target_recall: float = typer.Option(None, help="XAttention: fraction of the true attention mass to keep"),
+    target_density: float = typer.Option(None, help="fraction of the causally visible blocks/pairs to compute"),
+    overwrite: bool = typer.Option(False, "--overwrite", help="replace --out if it exists"),
+    dtype: str = typer.Option(None),
+    device: str = typer.Option(None),
+) -> None:
+    """Calibrate a recipe's thresholds / per-head patterns on calibration text and save the checkpoint."""
+    from attnkit.pipeline import calibrate as run_calibrate
+
+    if out is None:
+        out = Path("runs") / f"{Path(recipe).stem}-{Path(model).name}-calibrated"
+    lengths = _int_list(length)
+    try:
+        report = run_calibrate(
+            recipe,
+            model,
+            out,
+            length=lengths[0] if lengths else None,
+            target_recall=target_recall,
+            target_density=target_density,
+            overwrite=overwrite,
+            dtype=dtype,
+            device=device,
+        )
+    except (ValueError, FileNotFoundError, RuntimeError, KeyError) as err:
+        _fail(err)
+    for method, layers in report.choices.items():
+        console.print(f"[bold]{method}[/bold]: {len(layers)} layers calibrated in {report.seconds['calibrate']:.1f} s")
+        for layer, heads in sorted(layers.items()):
+            console.print(f"  layer {layer:>3}: {_describe_heads(heads)}", soft_wrap=True)
+    console.print(f"saved: {report.out}")
+
+
+def _describe_heads(heads: list) -> str:
+    """One line per layer: thresholds, or pattern counts with the mean recall/density the search measured."""
+    if heads and isinstance(heads[0], dict):
+        counts: dict[str, int] = {}
+        for h in heads:
+            counts[h["pattern"]] = counts.get(h["pattern"], 0) + 1
+        recall = sum(h["recall"] for h in heads) / len(heads)
+        density = sum(h["density"] for h in heads) / len(heads)
+        kinds = ", ".join(f"{n}× {p}" for p, n in sorted(counts.items()))
+        return f"{kinds}; recall {recall:.3f} at density {density:.3f}"
+    return "thresholds " + " ".join(f"{t:g}" for t in heads)
+
+
 @app.command("eval")
 def eval_command(
     checkpoint: Path = typer.Argument(None, help="an attnkit checkpoint folder (or use --model with --recipe)"),

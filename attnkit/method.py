@@ -29,6 +29,7 @@ if TYPE_CHECKING:
     from transformers.cache_utils import CacheLayerMixin
 
     from attnkit.kernels import BlockMask
+    from attnkit.kernels.vertical_slash import VerticalSlashMask
 
 
 class Method(BaseModel):
@@ -74,6 +75,14 @@ class Method(BaseModel):
     def fit(self, model: PreTrainedModel, data: Any = None) -> None:
         """Calibrate or train once the layers are attached (pattern search, gate training). Default: nothing."""
 
+    def calibration_settings(
+        self, length: int | None = None, target_recall: float | None = None, target_density: float | None = None
+    ) -> Method:
+        """A copy of this method set to calibrate in :meth:`fit` (``attnkit calibrate``): on ``length`` tokens, to
+        reach ``target_recall`` of the true attention mass or to stay within ``target_density``. Methods without a
+        calibration step raise ``ValueError``."""
+        raise ValueError(f"{self.method_name} has no calibration step")
+
 
 class PrefillMethod(Method):
     """A method that decides, per input, which key blocks each query block computes."""
@@ -94,8 +103,12 @@ class PrefillLayer(nn.Module):
 
     def select_blocks(
         self, query: torch.Tensor, key: torch.Tensor, key_padding_mask: torch.Tensor | None
-    ) -> BlockMask:
-        """Blocks to compute for ``query [B, Hq, Sq, D]`` against ``key [B, Hkv, Sk, D]`` (post-RoPE)."""
+    ) -> BlockMask | VerticalSlashMask:
+        """Blocks to compute for ``query [B, Hq, Sq, D]`` against ``key [B, Hkv, Sk, D]`` (post-RoPE).
+
+        A :class:`~attnkit.kernels.BlockMask` runs the block-sparse kernel; a
+        :class:`~attnkit.kernels.vertical_slash.VerticalSlashMask` (blocks + token-level key columns, MInference)
+        runs the vertical-slash kernel."""
         raise NotImplementedError
 
 

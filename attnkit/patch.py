@@ -47,7 +47,8 @@ class AttnkitStats:
         return out
 
     def per_head(self) -> dict[int, list[float]]:
-        """Layer → per-query-head density of its last prefill (block-sparse layers only).
+        """Layer → per-query-head density of its last prefill (block-sparse layers only; vertical-slash masks
+        report token-level density, blocks + columns).
 
         A mask shared by all heads (``H == 1``, e.g. a fixed pattern) reports its one density for every head.
         """
@@ -62,11 +63,12 @@ class AttnkitStats:
 
     def block_masks(self) -> dict[int, Any]:
         """Layer → the :class:`~attnkit.kernels.BlockMask` of its last prefill (block-sparse layers only)."""
-        return {
-            layer.layer_idx: layer.stats["block_mask"]
-            for layer in attnkit_layers(self._model)
-            if layer.stats.get("block_mask") is not None
-        }
+        out = {}
+        for layer in attnkit_layers(self._model):
+            mask = layer.stats.get("block_mask")
+            if mask is not None:  # a vertical-slash mask shows its block part (columns are token-level)
+                out[layer.layer_idx] = getattr(mask, "block_mask", mask)
+        return out
 
     def mean_density(self) -> float | None:
         """Mean over patched layers of the last prefill's block density (None before any prefill)."""

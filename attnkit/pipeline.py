@@ -124,6 +124,70 @@ def convert(
     return report
 
 
+@dataclass
+class CalibrationReport:
+    """The outcome of ``attnkit calibrate``: what each calibrated method chose, per layer and head."""
+
+    recipe: Recipe  # the recipe as calibrated (calibration settings included)
+    model: str
+    out: Path | None
+    choices: dict[str, dict[int, Any]]  # method → layer → per-head thresholds or patterns
+    seconds: dict[str, float] = field(default_factory=dict)
+
+
+def calibrate(
+    recipe: str | os.PathLike | dict | Recipe,
+    model: str = "llama",
+    out: str | os.PathLike | None = None,
+    *,
+    length: int | None = None,
+    target_recall: float | None = None,
+    target_density: float | None = None,
+    data: Any = None,
+    overwrite: bool = False,
+    dtype: torch.dtype | str | None = None,
+    device: str | None = None,
+) -> CalibrationReport:
+    """Load ``model``, calibrate every step of ``recipe`` that can be calibrated, and save the checkpoint.
+
+    Each calibratable step (:meth:`attnkit.method.Method.calibration_settings`: XAttention thresholds, MInference
+    pattern search) is set to calibrate on ``length`` tokens (built-in corpus unless ``data`` gives token ids)
+    towards ``target_recall`` or ``target_density`` (each method's own default when neither is given); steps
+    without a calibration step are applied unchanged. The calibration lands in the checkpoint's
+    ``attnkit.safetensors``; ``attnkit.load(out)`` restores it without recalibrating.
+    """
+    from attnkit.models import load_model
+
+    if target_recall is not None and target_density is not None:
+        raise ValueError("give one calibration target: target_recall or target_density, not both")
+    recipe = Recipe.load(recipe)
+    if out is not None and Path(out).exists() and not overwrite:
+        raise CheckpointError(f"output folder {out} already exists (pass --overwrite to replace it)")
+    steps, calibrated = [], []
+    for step in recipe.steps:
+        try:
+            steps.append(step.calibration_settings(length, target_recall, target_density))
+            calibrated.append(step.method_name)
+        except ValueError as err:
+            if "has no calibration step" not in str(err):
+                raise
+            steps.append(step)
+    if not calibrated:
+        raise ValueError(f"recipe {recipe.name!r} has no step that calibrates (xattention, minference do)")
+    recipe = Recipe.load({**recipe.to_dict(), "steps": [s.to_step() for s in steps]})
+    seconds: dict[str, float] = {}
+    start = time.perf_counter()
+    lm, tokenizer = load_model(model, dtype=dtype, device=device)
+    seconds["load"] = time.perf_counter() - start
+    start = time.perf_counter()
+    apply(lm, recipe, data=data)
+    seconds["calibrate"] = time.perf_counter() - start
+    if out is not None:
+        save(lm, out, tokenizer=tokenizer, overwrite=overwrite)
+    choices = dict(getattr(lm, "attnkit_calibration", {}) or {})
+    return CalibrationReport(recipe, model, Path(out) if out else None, choices, seconds)
+
+
 def evaluate(
     checkpoint: str | os.PathLike | None = None,
     tasks: list[str] | None = None,

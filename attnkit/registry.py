@@ -18,7 +18,13 @@ M = TypeVar("M", bound="type[Method]")
 _METHODS: dict[str, type[Method]] = {}
 
 # Modules whose import registers the built-in methods.
-_BUILTIN_MODULES = ("attnkit.sparsify.fixed", "attnkit.sparsify.streaming", "attnkit.sparsify.xattention")
+_BUILTIN_MODULES = (
+    "attnkit.sparsify.fixed",
+    "attnkit.sparsify.streaming",
+    "attnkit.sparsify.xattention",
+    "attnkit.sparsify.minference",
+    "attnkit.sparsify.flexprefill",
+)
 _builtins_loaded = False
 
 

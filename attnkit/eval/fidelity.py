@@ -29,7 +29,8 @@ import torch.nn.functional as F
 from transformers import PreTrainedModel
 
 from attnkit.attention import AttnkitAttention, attention_modules
-from attnkit.kernels.block_mass import block_attention_mass, query_block_rows
+from attnkit.kernels.block_mass import block_attention_mass, column_attention_mass, query_block_rows
+from attnkit.kernels.vertical_slash import VerticalSlashMask
 from attnkit.patch import dense, is_patched
 
 __all__ = [
@@ -218,6 +219,8 @@ class LayerRecall:
             as-many causally visible blocks with the largest mass.
         density: fraction of causally visible blocks computed (:meth:`BlockMask.density`).
         q_len, kv_len: the attention's lengths.
+        oracle_density_95: fraction of causally visible blocks the oracle needs to hold 95% of each query
+            block's mass (per batch row, head and query block, the fewest best blocks; weighted by real rows).
     """
 
     layer: int
@@ -226,6 +229,7 @@ class LayerRecall:
     density: float
     q_len: int
     kv_len: int
+    oracle_density_95: float | None = None
 
     @property
     def gap(self) -> float:
@@ -263,6 +267,11 @@ class RecallReport:
         """Mean over measured layers of :attr:`LayerRecall.density`."""
         return self._mean("density")
 
+    @property
+    def oracle_density_95(self) -> float | None:
+        """Mean over measured layers of :attr:`LayerRecall.oracle_density_95`."""
+        return self._mean("oracle_density_95")
+
     def rows(self) -> list[dict[str, Any]]:
         """Per-layer rows as plain dicts (for tables / JSON), measured layers only."""
         return [{**dataclasses.asdict(r), "gap": r.gap} for r in self.layers]
@@ -272,6 +281,7 @@ class RecallReport:
             "recall": self.recall,
             "oracle_recall": self.oracle_recall,
             "density": self.density,
+            "oracle_density_95": self.oracle_density_95,
             "layers": self.rows(),
             "skipped": dict(self.skipped),
         }
@@ -306,6 +316,62 @@ def block_recall(
     return (recall * weights).sum(), (oracle * weights).sum(), weight
 
 
+def oracle_density(mass: torch.Tensor, visible: torch.Tensor, row_weights: torch.Tensor, coverage: float) -> float:
+    """Fraction of causally visible blocks the oracle needs to hold ``coverage`` of the attention mass.
+
+    ``mass [B, H, QB, KB]`` (row-averaged, rows sum to 1), ``visible [QB, KB]``, ``row_weights [B or 1, QB]``: per
+    (b, h, query block) the fewest largest blocks whose mass reaches ``coverage``, over the visible blocks of that
+    row, averaged with the real-row weights.
+    """
+    running = mass.double().sort(-1, descending=True).values.cumsum(-1)
+    needed = (running < coverage - 1e-9).sum(-1) + 1  # [B, H, QB]
+    visible_per_row = visible.sum(-1).clamp_min(1).double()  # [QB]
+    needed = torch.minimum(needed.double(), visible_per_row)
+    weights = row_weights.double().expand(mass.shape[0], -1)[:, None, :].expand(-1, mass.shape[1], -1)
+    return float(((needed / visible_per_row) * weights).sum() / weights.sum().clamp_min(1e-30))
+
+
+def vertical_slash_recall(
+    query: torch.Tensor,
+    key: torch.Tensor,
+    mask: VerticalSlashMask,
+    scale: float | None = None,
+    key_padding_mask: torch.Tensor | None = None,
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """:func:`block_recall` for a vertical-slash mask (blocks + token-level key columns), same return values.
+
+    Recall counts the mass in the listed blocks plus the mass on listed columns outside them, per real query
+    row. The oracle is block-granular: per ``(b, h, query block)`` the best ``n`` blocks, where ``n`` is the
+    number of listed blocks plus the extra columns rounded up to whole key blocks (the same key budget).
+    """
+    bq, bk = mask.block_size
+    if bq != bk:
+        raise ValueError(f"vertical_slash_recall needs square blocks, got {mask.block_size}")
+    scale = query.shape[-1] ** -0.5 if scale is None else scale
+    mass = column_attention_mass(query, key, bq, scale, key_padding_mask)  # [B, Hq, QB, Sk] row sums
+    batch, heads, qb, sk = mass.shape
+    kb = (sk + bk - 1) // bk
+    mask = mask.to(mass.device).expand(batch, heads)
+    blocks = mask.block_mask.to_dense().expand(batch, heads, -1, -1) & mask.block_mask.causal_blocks()
+    columns = mask.columns.long()  # [B, H, C]
+    valid = torch.arange(columns.shape[-1], device=mass.device) < mask.column_counts[..., None].long()
+    in_blocks = blocks.gather(-1, (columns // bk)[:, :, None, :].expand(-1, -1, qb, -1))  # [B, H, QB, C]
+    extra = valid[:, :, None, :] & ~in_blocks
+    column_kept = (mass.gather(-1, columns[:, :, None, :].expand(-1, -1, qb, -1)) * extra).sum(-1)  # [B, H, QB]
+    rows = query_block_rows(mask.q_len, mask.kv_len, bq, key_padding_mask, mass.device)  # [B or 1, QB]
+    per_row = rows.clamp_min(1)[:, None, :, None]
+    block_mass = torch.nn.functional.pad(mass, (0, kb * bk - sk)).reshape(batch, heads, qb, kb, bk).sum(-1)
+    block_mass = (block_mass / per_row).double()  # row-averaged, as block_attention_mass
+    recall_sum, _, weight = block_recall(block_mass, blocks, rows)
+    weights = rows.double().expand(batch, -1)[:, None, :]
+    recall_sum = recall_sum + (column_kept.double() / per_row[..., 0] * weights).sum()
+    budget = blocks.sum(-1) + (extra.sum(-1) + bk - 1) // bk  # [B, H, QB]
+    best = block_mass.sort(-1, descending=True).values.cumsum(-1)
+    oracle = best.gather(-1, (budget.clamp(1, kb) - 1)[..., None]).squeeze(-1)
+    oracle = torch.where(budget > 0, oracle, torch.zeros_like(oracle))
+    return recall_sum, (oracle * weights).sum(), weight
+
+
 _ARG_NAMES = ("query", "key", "value", "key_padding_mask", "scale")
 
 
@@ -334,15 +400,24 @@ class _RecallProbe:
             return
         if module.decode is not None:  # the same remapping AttnkitAttention.forward applies
             key_padding_mask = module.decode.key_padding(key_padding_mask, kv_len)
-        mass = block_attention_mass(query, key, block_mask.block_size, scale, key_padding_mask)  # [B, Hq, QB, KB]
-        batch, heads = mass.shape[:2]
-        block_mask = block_mask.to(mass.device)
-        kept = block_mask.to_dense().expand(batch, heads, -1, -1) & block_mask.causal_blocks()  # [B, Hq, QB, KB]
-        weights = query_block_rows(q_len, kv_len, block_mask.block_size, key_padding_mask, mass.device)
-        recall, oracle, weight = block_recall(mass, kept, weights)
+        block_size = block_mask.block_size
+        mass = block_attention_mass(query, key, block_size, scale, key_padding_mask)  # [B, Hq, QB, KB]
+        weights = query_block_rows(q_len, kv_len, block_size, key_padding_mask, mass.device)
+        if isinstance(block_mask, VerticalSlashMask):
+            recall, oracle, weight = vertical_slash_recall(query, key, block_mask, scale, key_padding_mask)
+            visible = block_mask.block_mask.causal_blocks()
+        else:
+            batch, heads = mass.shape[:2]
+            block_mask = block_mask.to(mass.device)
+            visible = block_mask.causal_blocks()
+            kept = block_mask.to_dense().expand(batch, heads, -1, -1) & visible  # [B, Hq, QB, KB]
+            recall, oracle, weight = block_recall(mass, kept, weights)
+        needed_95 = oracle_density(mass, visible.to(mass.device), weights, 0.95)
         entry = self.sums.setdefault(
-            idx, {"recall": 0.0, "oracle": 0.0, "weight": 0.0, "density": [], "lengths": (q_len, kv_len)}
+            idx,
+            {"recall": 0.0, "oracle": 0.0, "weight": 0.0, "density": [], "needed_95": [], "lengths": (q_len, kv_len)},
         )
+        entry["needed_95"].append(needed_95)
         entry["recall"] += float(recall)
         entry["oracle"] += float(oracle)
         entry["weight"] += float(weight)
@@ -413,6 +488,7 @@ def attention_recall(
                     density=sum(s["density"]) / len(s["density"]),
                     q_len=q_len,
                     kv_len=kv_len,
+                    oracle_density_95=sum(s["needed_95"]) / len(s["needed_95"]),
                 )
             )
         elif layer.prefill is None:
@@ -456,6 +532,11 @@ def fidelity_at_lengths(
         if is_patched(model):
             recall = attention_recall(model, ids)
             if recall.layers:
-                row.update(recall=recall.recall, oracle_recall=recall.oracle_recall, density=recall.density)
+                row.update(
+                    recall=recall.recall,
+                    oracle_recall=recall.oracle_recall,
+                    density=recall.density,
+                    oracle_density_95=recall.oracle_density_95,
+                )
         rows.append(row)
     return rows

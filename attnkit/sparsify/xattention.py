@@ -11,7 +11,8 @@ concatenated in order, each query tile's in reverse order, and the dot product o
 antidiagonal sum. The reduced logits are scaled by ``scale / stride`` (the reference divides by ``sqrt(D)`` and by
 the stride), soft-maxed per reduced query row over the key tiles it may see, and summed over the reduced rows and
 keys of every block. Like the reference, a tile whose pairs are only partly causal (the diagonal tiles) is scored
-with its whole antidiagonal.
+with its whole antidiagonal. The op lives in :mod:`attnkit.kernels.antidiagonal` (a PyTorch reference and a Triton
+kernel that reads q/k in place, dispatched by ``ATTNKIT_KERNELS``); this module re-exports its entry point.
 
 Selection (:func:`select_blocks_by_threshold`). Per query block row, the first key block and the diagonal key
 block(s) (those holding the query block's own positions) are always kept and counted first; the remaining visible
@@ -33,110 +34,11 @@ import torch
 from pydantic import Field, field_validator, model_validator
 
 from attnkit.kernels import BlockMask
-from attnkit.kernels.block_mask import causal_block_matrix, num_blocks
+from attnkit.kernels.antidiagonal import antidiagonal_block_scores
+from attnkit.kernels.block_mask import causal_block_matrix
 from attnkit.method import PrefillLayer, PrefillMethod
 from attnkit.registry import register
 from attnkit.sparsify.fixed import block_spans
-
-CHUNK_BYTES = 256 * 2**20  # budget of one chunk's fp32 reduced logits [B, Hq, rows, Sk / stride]
-
-
-# ------------------------------------------------------------------------------------------------- scoring
-def antidiagonal_block_scores(
-    query: torch.Tensor,
-    key: torch.Tensor,
-    block_size: int,
-    stride: int,
-    scale: float | None = None,
-    key_padding_mask: torch.Tensor | None = None,
-    chunk_bytes: int | None = None,
-) -> torch.Tensor:
-    """XAttention's strided antidiagonal estimate of the attention mass of every (query block, key block).
-
-    Args:
-        query: ``[B, Hq, Sq, D]`` (post-RoPE; any float dtype, computed in fp32).
-        key: ``[B, Hkv, Sk, D]``, ``Hq % Hkv == 0``, ``Sk >= Sq``; the queries are the last ``Sq`` positions.
-        block_size: query and key block size in tokens, a multiple of ``stride``.
-        stride: antidiagonal stride ``s``: tiles of ``s × s`` tokens, one antidiagonal sampled per tile.
-        scale: softmax scale, default ``D ** -0.5``; the reduced logits use ``scale / stride``.
-        key_padding_mask: optional bool ``[B, Sk]``, True = real token; padding keys and padding query rows
-            (``key_padding_mask[:, Sk - Sq:]`` False) contribute nothing.
-        chunk_bytes: memory budget of one chunk of query blocks (default :data:`CHUNK_BYTES`); the result does not
-            depend on it beyond fp32 rounding.
-
-    Returns:
-        float32 ``[B, Hq, QB, KB]``: per block, the sum over its reduced query rows of their softmax probabilities
-        on its key tiles. A row of the result sums to the number of real reduced query rows of the query block;
-        blocks holding no causally visible pair, or only padding keys, are exactly 0.
-    """
-    if query.dim() != 4 or key.dim() != 4:
-        raise ValueError(f"expected query [B,Hq,Sq,D] and key [B,Hkv,Sk,D]; got {tuple(query.shape)}, {tuple(key.shape)}")
-    batch, hq, sq, dim = query.shape
-    hkv, sk = key.shape[1], key.shape[2]
-    if key.shape[0] != batch or key.shape[3] != dim or hq % hkv:
-        raise ValueError(f"query {tuple(query.shape)} and key {tuple(key.shape)} disagree (batch, head_dim or Hq % Hkv)")
-    if sq > sk:
-        raise ValueError(f"Sq ({sq}) > Sk ({sk}): the queries must be the last Sq of the Sk positions")
-    if stride <= 0 or block_size <= 0 or block_size % stride:
-        raise ValueError(f"stride ({stride}) must be a positive divisor of block_size ({block_size})")
-    if key_padding_mask is not None and tuple(key_padding_mask.shape) != (batch, sk):
-        raise ValueError(f"key_padding_mask must be [B, Sk] = [{batch}, {sk}], got {tuple(key_padding_mask.shape)}")
-
-    s, group, device = stride, hq // hkv, query.device
-    offset = sk - sq
-    per_block = block_size // s  # tiles per block
-    qb, kb = num_blocks(sq, block_size), num_blocks(sk, block_size)
-    nq, nk = qb * per_block, kb * per_block  # tiles, padded to whole blocks
-    scale = dim**-0.5 if scale is None else scale
-
-    # Padding and the tail past the sequence become zero vectors: they add nothing to any antidiagonal sum.
-    q = query.float()
-    k = key.float()
-    kpm = None if key_padding_mask is None else key_padding_mask.to(device=device, dtype=torch.bool)
-    if kpm is not None:
-        k = k * kpm[:, None, :, None]
-        q = q * kpm[:, None, offset:, None]
-    q = torch.nn.functional.pad(q, (0, 0, 0, nq * s - sq))
-    k = torch.nn.functional.pad(k, (0, 0, 0, nk * s - sk))
-    # Key tile m: k[m·s], ..., k[m·s + s-1] concatenated; query tile n: the same in reverse order.
-    rk = k.reshape(batch, hkv, 1, nk, s * dim)
-    rq = q.reshape(batch, hkv, group, nq, s, dim).flip(4).reshape(batch, hkv, group, nq, s * dim)
-
-    # Which tiles hold anything: a reduced query row with a real query row, a key tile with a real key.
-    rows_real = torch.arange(nq * s, device=device) < sq
-    keys_real = torch.arange(nk * s, device=device) < sk
-    if kpm is None:
-        row_tile_real = rows_real.view(1, nq, s).any(-1)  # [1, nq]
-        key_tile_real = keys_real.view(1, nk, s).any(-1)  # [1, nk]
-    else:
-        row_pad = torch.nn.functional.pad(kpm[:, offset:], (0, nq * s - sq))
-        key_pad = torch.nn.functional.pad(kpm, (0, nk * s - sk))
-        row_tile_real = (row_pad & rows_real).view(batch, nq, s).any(-1)
-        key_tile_real = (key_pad & keys_real).view(batch, nk, s).any(-1)
-
-    out = torch.zeros(batch, hq, qb, kb, dtype=torch.float32, device=device)
-    budget = CHUNK_BYTES if chunk_bytes is None else chunk_bytes
-    blocks_per_chunk = max(1, budget // max(1, batch * hq * per_block * nk * 4))
-    tile_first_key = torch.arange(nk, device=device) * s
-    for i0 in range(0, qb, blocks_per_chunk):
-        i1 = min(qb, i0 + blocks_per_chunk)
-        n0, n1 = i0 * per_block, i1 * per_block
-        # Key blocks the chunk's last row can see: nothing right of them gets any score.
-        last_pos = min(n1 * s, sq) - 1 + offset
-        kb_chunk = last_pos // block_size + 1
-        m1 = kb_chunk * per_block
-        logits = torch.matmul(rq[:, :, :, n0:n1], rk[..., :m1, :].transpose(-1, -2)) * (scale / s)
-        logits = logits.reshape(batch, hq, n1 - n0, m1)
-        # Tile (n, m) is visible iff its first key is at or before its last query's position.
-        row_last_pos = torch.arange(n0, n1, device=device) * s + s - 1 + offset
-        allowed = tile_first_key[None, :m1] <= row_last_pos[:, None]  # [rows, m1]
-        allowed = allowed[None] & key_tile_real[:, None, :m1]  # [B or 1, rows, m1]
-        logits = logits.masked_fill(~allowed[:, None], float("-inf"))
-        probs = torch.softmax(logits, dim=-1)
-        probs = torch.where(row_tile_real[:, None, n0:n1, None] & allowed[:, None], probs, 0.0)  # NaN rows → 0
-        sums = probs.reshape(batch, hq, i1 - i0, per_block, kb_chunk, per_block).sum((3, 5))
-        out[:, :, i0:i1, :kb_chunk] = sums
-    return out
 
 
 # ----------------------------------------------------------------------------------------------- selection
@@ -218,19 +120,40 @@ class XAttention(PrefillMethod):
         description="if set, fit per-head thresholds: each head gets the smallest τ of CALIBRATION_GRID whose blocks "
         "hold this fraction of the true attention mass on calibration text (None: `threshold` for every head)",
     )
+    calibrate_density: float | None = Field(
+        None,
+        description="if set, fit per-head thresholds: each head gets the largest τ of CALIBRATION_GRID whose blocks "
+        "are at most this fraction of the causally visible blocks on calibration text (exclusive with calibrate_recall)",
+    )
     calibration_length: int = Field(2048, gt=0, description="tokens of calibration text (built-in corpus by default)")
 
-    @field_validator("calibrate_recall")
+    @field_validator("calibrate_recall", "calibrate_density")
     @classmethod
-    def _recall_range(cls, value: float | None) -> float | None:
+    def _target_range(cls, value: float | None, info) -> float | None:
         if value is not None and not 0 < value <= 1:
-            raise ValueError(f"calibrate_recall must be in (0, 1], got {value}")
+            raise ValueError(f"{info.field_name} must be in (0, 1], got {value}")
         return value
+
+    def calibration_settings(self, length=None, target_recall=None, target_density=None) -> XAttention:
+        if target_recall is None and target_density is None:
+            target_recall = self.calibrate_recall if self.calibrate_density is None else None
+            target_density = self.calibrate_density
+            if target_recall is None and target_density is None:
+                target_recall = 0.95
+        return self.model_copy(
+            update={
+                "calibrate_recall": target_recall,
+                "calibrate_density": target_density,
+                "calibration_length": length or self.calibration_length,
+            }
+        )
 
     @model_validator(mode="after")
     def _stride_divides_block(self) -> XAttention:
         if self.block_size % self.stride:
             raise ValueError(f"stride ({self.stride}) must divide block_size ({self.block_size})")
+        if self.calibrate_recall is not None and self.calibrate_density is not None:
+            raise ValueError("calibrate_recall and calibrate_density are exclusive: set one target")
         return self
 
     def make_prefill_layer(self, layer_idx: int, attention) -> PrefillLayer:
@@ -238,12 +161,13 @@ class XAttention(PrefillMethod):
         return XAttentionLayer(self, layer_idx, heads, getattr(attention, "scaling", None))
 
     def fit(self, model, data=None) -> None:
-        """Per-head thresholds reaching ``calibrate_recall`` of the true attention mass (nothing if it is None).
+        """Per-head thresholds reaching ``calibrate_recall`` of the true attention mass, or at most
+        ``calibrate_density`` of the visible blocks (nothing if both are None).
 
         ``data``: token ids ``[B, S]`` (or ``[S]``); default: ``calibration_length`` tokens of the built-in corpus,
         tokenized with the tokenizer ``attnkit.load_model`` attached to the model.
         """
-        if self.calibrate_recall is None:
+        if self.calibrate_recall is None and self.calibrate_density is None:
             return
         calibrate_thresholds(model, self, data)
 
@@ -277,7 +201,11 @@ CALIBRATION_GRID = (0.5, 0.6, 0.7, 0.8, 0.85, 0.9, 0.925, 0.95, 0.96, 0.97, 0.98
 
 @torch.no_grad()
 def calibrate_thresholds(model, method: XAttention, data=None) -> dict[int, list[float]]:
-    """Set each XAttention layer's per-head ``thresholds`` to the smallest grid value reaching the target recall.
+    """Set each XAttention layer's per-head ``thresholds`` from a target recall or a target density.
+
+    With ``calibrate_recall``: the smallest grid value whose recall reaches it. With ``calibrate_density``: the
+    largest grid value whose density (computed / causally visible blocks) stays at or below it (the smallest grid
+    value if none does).
 
     One forward pass over the calibration input with every threshold at 1 (so the model runs dense and later
     layers see dense inputs); a forward hook on each layer computes, from its ``query``/``key``, the antidiagonal
@@ -309,6 +237,8 @@ def calibrate_thresholds(model, method: XAttention, data=None) -> dict[int, list
     grid = torch.tensor(CALIBRATION_GRID, dtype=torch.float64)
     kept = {idx: torch.zeros(len(grid), layer.thresholds.numel(), dtype=torch.float64) for idx, layer in layers.items()}
     total = {idx: torch.zeros(layer.thresholds.numel(), dtype=torch.float64) for idx, layer in layers.items()}
+    blocks = {idx: torch.zeros(len(grid), layer.thresholds.numel(), dtype=torch.float64) for idx, layer in layers.items()}
+    visible_blocks = {idx: torch.zeros((), dtype=torch.float64) for idx in layers}
 
     def hook(idx):
         layer = layers[idx]
@@ -327,9 +257,11 @@ def calibrate_thresholds(model, method: XAttention, data=None) -> dict[int, list
             anchors = anchor_blocks(q_len, kv_len, bs, query.device)
             weight = mass.sum(-1) * rows[:, None]  # [B, Hq, QB]
             total[idx] += weight.sum((0, 2)).cpu()
+            visible_blocks[idx] += float(visible.sum()) * query.shape[0]
             for g, tau in enumerate(CALIBRATION_GRID):
                 keep = select_blocks_by_threshold(scores, tau, visible, anchors)
                 kept[idx][g] += ((mass * keep).sum(-1) * rows[:, None]).sum((0, 2)).cpu()
+                blocks[idx][g] += (keep & visible).sum((0, 2, 3)).double().cpu()
 
         return run
 
@@ -351,10 +283,17 @@ def calibrate_thresholds(model, method: XAttention, data=None) -> dict[int, list
 
     out = {}
     for idx, layer in layers.items():
-        recall = kept[idx] / total[idx].clamp_min(1e-30)  # [grid, Hq]
-        reached = recall >= method.calibrate_recall - 1e-12
-        reached[-1] = True  # τ = 1 keeps every visible block: recall 1
-        first = reached.double().argmax(0)  # the smallest grid value that reaches the target
-        layer.thresholds.copy_(grid[first].to(layer.thresholds))
+        if method.calibrate_density is None:
+            recall = kept[idx] / total[idx].clamp_min(1e-30)  # [grid, Hq]
+            reached = recall >= method.calibrate_recall - 1e-12
+            reached[-1] = True  # τ = 1 keeps every visible block: recall 1
+            choice = reached.double().argmax(0)  # the smallest grid value that reaches the target
+        else:
+            density = blocks[idx] / visible_blocks[idx].clamp_min(1)  # [grid, Hq], rises with τ
+            within = density <= method.calibrate_density + 1e-12
+            # the last grid index still within the target (index 0 when none is)
+            choice = (within.long() * torch.arange(1, len(grid) + 1)[:, None]).argmax(0)
+        layer.thresholds.copy_(grid[choice].to(layer.thresholds))
         out[idx] = layer.thresholds.tolist()
+    model.attnkit_calibration = {"xattention": out}
     return out

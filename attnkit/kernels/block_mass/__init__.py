@@ -4,6 +4,6 @@
 methods are measured against (:func:`attnkit.eval.fidelity.attention_recall`) and trained towards.
 """
 
-from attnkit.kernels.block_mass.reference import block_attention_mass, query_block_rows
+from attnkit.kernels.block_mass.reference import block_attention_mass, column_attention_mass, query_block_rows
 
-__all__ = ["block_attention_mass", "query_block_rows"]
+__all__ = ["block_attention_mass", "column_attention_mass", "query_block_rows"]

@@ -161,3 +161,42 @@ def _check_shapes(q: torch.Tensor, k: torch.Tensor, key_padding_mask: torch.Tens
     if key_padding_mask is not None and tuple(key_padding_mask.shape) != (batch, k.shape[2]):
         raise ValueError(f"key_padding_mask must be [B, Sk] = [{batch}, {k.shape[2]}], got {tuple(key_padding_mask.shape)}")
     return batch, hq, sq, dim
+
+
+def column_attention_mass(
+    query: torch.Tensor,
+    key: torch.Tensor,
+    block_size: int,
+    scale: float,
+    key_padding_mask: torch.Tensor | None = None,
+    chunk_bytes: int = CHUNK_BYTES,
+) -> torch.Tensor:
+    """True attention mass per (query block, key column): fp32 ``[B, Hq, QB, Sk]``, summed over the block's rows.
+
+    Row ``r`` (position ``r + Sk - Sq``) has softmax attention over its causally visible, real keys; a query
+    block's entry is the sum of its real rows' attention. Chunked over query blocks (``chunk_bytes`` of fp32
+    scores per chunk), so no ``Sq × Sk`` matrix is held. GQA-native.
+    """
+    batch, hq, sq, dim = _check_shapes(query, key, key_padding_mask)
+    hkv, sk = key.shape[1], key.shape[2]
+    group, offset = hq // hkv, sk - sq
+    qb = num_blocks(sq, block_size)
+    kf = key.float()
+    out = torch.zeros(batch, hq, qb, sk, dtype=torch.float32, device=query.device)
+    blocks_per_chunk = max(1, chunk_bytes // max(1, batch * hq * block_size * sk * 4))
+    keys = torch.arange(sk, device=query.device)
+    for i0 in range(0, qb, blocks_per_chunk):
+        i1 = min(qb, i0 + blocks_per_chunk)
+        r0, r1 = i0 * block_size, min(sq, i1 * block_size)
+        q = query[:, :, r0:r1].float().reshape(batch, hkv, group, r1 - r0, dim)
+        logits = torch.einsum("bhgrd,bhkd->bhgrk", q, kf).reshape(batch, hq, r1 - r0, sk) * scale
+        allowed = keys[None, :] <= (torch.arange(r0, r1, device=query.device) + offset)[:, None]
+        allowed = allowed[None, None]
+        if key_padding_mask is not None:
+            kpm = key_padding_mask.bool()
+            allowed = allowed & kpm[:, None, None, :] & kpm[:, None, offset + r0 : offset + r1, None]
+        probs = torch.softmax(logits.masked_fill(~allowed, float("-inf")), -1).nan_to_num(0.0)
+        pad = (i1 - i0) * block_size - (r1 - r0)
+        probs = torch.nn.functional.pad(probs, (0, 0, 0, pad))
+        out[:, :, i0:i1] = probs.reshape(batch, hq, i1 - i0, block_size, sk).sum(3)
+    return out

@@ -1,0 +1,48 @@
+#!/usr/bin/env bash
+# One GPU session's measurements, one stage per device call (each within the 10-minute limit), run back to back
+# while the machine stays warm. Usage on the device machine, from the repo root:
+#   bash benchmarks/gpu_session.sh STAGE
+# Stages:
+#   setup      install the carried wheels (.whl/) into /tmp/site (kept while the machine is warm), import check,
+#              GPU test files of the kernels
+#   kernels    kernel/selection timing: benchmarks.selection, benchmarks.vertical_slash
+#   issue4     attnkit bench: llama3-8b shape (32K-128K) and the embedded model (2K-8K), dense vs patched
+#   smol       benchmarks.quality on the embedded model (SmolLM2 GGUF staged in /root/attnkit-models), 4K/8K
+#   qwen       benchmarks.quality on qwen (GGUF staged), 16K/32K
+# Everything it writes goes to $OUT (the device tool brings it back).
+set -uo pipefail
+stage=${1:?stage}
+export PYTHONPATH=/tmp/site:$PWD PYTHONUNBUFFERED=1 HF_HUB_OFFLINE=1 TRANSFORMERS_VERBOSITY=error
+OUT=${OUT:-/tmp/out}
+mkdir -p "$OUT"
+SMOL=/root/attnkit-models/SmolLM2-135M-Instruct.Q4_1.gguf
+QWEN=/root/attnkit-models/Qwen2.5-Coder-0.5B-Instruct.Q4_K_M.gguf
+
+case "$stage" in
+  setup)
+    python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/site .whl/*.whl || exit 1
+    python3 -c "import torch, triton, transformers, lm_eval, datasets, gguf, pydantic, attnkit; print('torch', torch.__version__, 'triton', triton.__version__, 'transformers', transformers.__version__, 'lm_eval', lm_eval.__version__, torch.cuda.get_device_name())"
+    python3 -m pytest -q -x -p no:cacheprovider tests/test_triton_kernel.py tests/test_vertical_slash_kernel.py \
+      tests/test_antidiagonal_kernel.py tests/test_pooled_attention.py tests/test_gpu_models.py 2>&1 | tail -25
+    ;;
+  kernels)
+    python3 -m benchmarks.selection --out "$OUT/selection.json" 2>&1 | tail -40
+    python3 -m benchmarks.vertical_slash --out "$OUT/vertical_slash.json" 2>&1 | tail -30
+    ;;
+  issue4)
+    python3 -m attnkit bench --shape llama3-8b --layers 2 --recipe sliding_window --lengths 32k,64k,128k \
+      --new-tokens 16 --out "$OUT/bench-llama3-8b" 2>&1 | tail -25
+    python3 -m attnkit bench --model "$SMOL" --recipe streaming_llm --lengths 2k,4k,8k --out "$OUT/bench-smol" 2>&1 | tail -25
+    ;;
+  smol)
+    python3 -m benchmarks.quality --model "$SMOL" --dtype bfloat16 --recipes benchmarks/recipes/xattention-recall95.yaml,minference,flexprefill \
+      --lengths 4096,8192 --tasks passkey,niah_single,niah_multikey --samples 20 --calibration-length 8192 \
+      --out "$OUT/quality-smol.json" 2>&1 | grep -v "it/s\]" | tail -60
+    ;;
+  qwen)
+    python3 -m benchmarks.quality --model "$QWEN" --dtype bfloat16 --recipes benchmarks/recipes/xattention-recall95.yaml,minference,flexprefill \
+      --lengths 16384,32768 --fidelity-lengths 16384 --tasks passkey,niah_single --samples 10 --calibration-length 16384 \
+      --out "$OUT/quality-qwen.json" 2>&1 | grep -v "it/s\]" | tail -60
+    ;;
+  *) echo "unknown stage $stage"; exit 2 ;;
+esac
