@@ -54,6 +54,10 @@ def dense_attention(
     gqa = query.shape[1] != key.shape[1]
     if key_padding_mask is None and sq == sk:
         return nn.functional.scaled_dot_product_attention(query, key, value, is_causal=True, scale=scale, enable_gqa=gqa)
+    if key_padding_mask is None and sq == 1:
+        # Decode: the one query is the last position and sees every key. No mask keeps SDPA on its fused kernels
+        # (a [1, Sk] mask sends it to a slower path: 0.72x of dense decode at 64K-128K on an H100).
+        return nn.functional.scaled_dot_product_attention(query, key, value, scale=scale, enable_gqa=gqa)
     mask = None
     if sq > 1:
         mask = torch.ones(sq, sk, dtype=torch.bool, device=query.device).tril(sk - sq)[None, None]

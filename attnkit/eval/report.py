@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import json
 import math
+import os
 import subprocess
 import sys
 import time
@@ -60,6 +61,9 @@ def environment(device: str | torch.device | None = None) -> dict[str, Any]:
         env["device"] = torch.cuda.get_device_name(dev)
     else:
         env["device"] = "cpu"
+    if os.environ.get("ATTNKIT_COMMIT"):  # a copy whose .git lags the tree it runs (the GPU machine's)
+        env["commit"] = os.environ["ATTNKIT_COMMIT"]
+        return env
     try:
         commit = subprocess.run(
             ["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True, timeout=5,
