@@ -69,7 +69,7 @@ def _mismatch(out, ref) -> float:
 
 
 def selectors(block: int, strides: list[int], heads: int = SHAPE[1]) -> dict[str, Selector]:
-    """Every timed entry, by name. MInference and FlexPrefill selection go here as further entries."""
+    """Every timed entry, by name."""
     from attnkit.kernels.antidiagonal import reference
     from attnkit.kernels.antidiagonal import triton as tri
     from attnkit.registry import get_method
@@ -94,6 +94,25 @@ def selectors(block: int, strides: list[int], heads: int = SHAPE[1]) -> dict[str
             max_err=1e-3,  # near-ties at the threshold may flip a block between fp32 summation orders
             params={"block": block, "stride": s, "threshold": THRESHOLD, "kernel": "auto"},
         )
+    # MInference (vertical-slash heads, the paper's budgets 1000 / 6096) and FlexPrefill (paper defaults): their
+    # selection is PyTorch (estimates from the last queries, pooled blocks, top-k); "reference" is the same code
+    # with the reference kernels, so the check only guards against a crash, not a numerical difference.
+    mi = get_method("minference")(block_size=block).make_prefill_layer(0, _AttentionStub(heads)).to("cuda")
+    out["minference-vs"] = Selector(
+        run=lambda q, k: mi.select_blocks(q, k, None),
+        reference=lambda q, k: mi.select_blocks(q, k, None),
+        error=lambda a, b: _mismatch(a.block_mask, b.block_mask) + float((a.columns != b.columns).float().mean()),
+        max_err=1e-3,
+        params={"block": block, "vertical": 1000, "slash": 6096, "kernel": "pytorch"},
+    )
+    fp = get_method("flexprefill")(block_size=block).make_prefill_layer(0, _AttentionStub(heads)).to("cuda")
+    out["flexprefill"] = Selector(
+        run=lambda q, k: fp.select_blocks(q, k, None),
+        reference=lambda q, k: fp.select_blocks(q, k, None),
+        error=_mismatch,
+        max_err=1e-3,
+        params={"block": block, "gamma": 0.9, "tau": 0.1, "min_budget": 1024, "kernel": "pytorch"},
+    )
     return out
 
 
