@@ -9,6 +9,9 @@
 #   issue4     attnkit bench: llama3-8b shape (32K-128K) and the embedded model (2K-8K), dense vs patched
 #   smol       benchmarks.quality on the embedded model (SmolLM2 GGUF staged in /root/attnkit-models), 4K/8K
 #   qwen       benchmarks.quality on qwen (GGUF staged), 16K/32K
+#   store      keep every carried model part (.devstage/NAME/chunk, see ../shared/device/stage-model) in
+#              /root/attnkit-models/parts/NAME, so parts can arrive in any order, riding along other stages
+#   assemble   join the parts into the two GGUF files (s* -> SmolLM2, q* -> qwen) and check their SHA256
 # Everything it writes goes to $OUT (the device tool brings it back).
 set -uo pipefail
 stage=${1:?stage}
@@ -18,7 +21,22 @@ mkdir -p "$OUT"
 SMOL=/root/attnkit-models/SmolLM2-135M-Instruct.Q4_1.gguf
 QWEN=/root/attnkit-models/Qwen2.5-Coder-0.5B-Instruct.Q4_K_M.gguf
 
+# A machine that went cold lost /tmp/site: reinstall the carried wheels when they are here and not installed.
+if [ "$stage" != setup ] && [ -d .whl ] && ! [ -d /tmp/site/pydantic ]; then
+  python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/site .whl/*.whl
+fi
 case "$stage" in
+  store)
+    mkdir -p /root/attnkit-models/parts
+    for d in .devstage/*/; do [ -f "$d/chunk" ] && cp "$d/chunk" "/root/attnkit-models/parts/$(basename "$d")"; done
+    ls -la /root/attnkit-models/parts
+    ;;
+  assemble)
+    cd /root/attnkit-models || exit 1
+    ls parts/s* >/dev/null 2>&1 && cat $(ls parts/s* | sort) > SmolLM2-135M-Instruct.Q4_1.gguf
+    ls parts/q0* >/dev/null 2>&1 && [ "$(ls parts/q0* | wc -l)" = 9 ] && cat $(ls parts/q0* | sort) > Qwen2.5-Coder-0.5B-Instruct.Q4_K_M.gguf
+    cd - >/dev/null; grep -F "$(ls /root/attnkit-models/*.gguf)" .devstage/SHA256 | sha256sum -c
+    ;;
   setup)
     python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/site .whl/*.whl || exit 1
     python3 -c "import torch, triton, transformers, lm_eval, datasets, gguf, pydantic, attnkit; print('torch', torch.__version__, 'triton', triton.__version__, 'transformers', transformers.__version__, 'lm_eval', lm_eval.__version__, torch.cuda.get_device_name())"
