@@ -1,4 +1,4 @@
-"""The ``attnkit`` command: convert, eval, bench, recipes, inspect, models."""
+"""The ``attnkit`` command: convert, calibrate, distill, eval, bench, recipes, inspect, models."""
 
 from __future__ import annotations
 
@@ -103,11 +103,15 @@ def convert(
 
 @app.command()
 def calibrate(
-    recipe: str = typer.Option(..., "--recipe", "-r", help="built-in recipe name or YAML path (xattention, minference)"),
+    recipe: str = typer.Option(
+        ..., "--recipe", "-r", help="built-in recipe name or YAML path (xattention, minference, seer_attention)"
+    ),
     model: str = typer.Option("llama", "--model", "-m", help="alias, HF id, folder or .gguf"),
     out: Path = typer.Option(None, "--out", "-o", help="checkpoint folder (default runs/<recipe>-<model>-calibrated)"),
     length: str = typer.Option(None, help="tokens of calibration text, e.g. 4k (default: the recipe's)"),
-    target_recall: float = typer.Option(None, help="XAttention: fraction of the true attention mass to keep"),
+    target_recall: float = typer.Option(
+        None, help="XAttention, SeerAttention: fraction of the true attention mass to keep"
+    ),
     target_density: float = typer.Option(None, help="fraction of the causally visible blocks/pairs to compute"),
     overwrite: bool = typer.Option(False, "--overwrite", help="replace --out if it exists"),
     dtype: str = typer.Option(None),
@@ -138,6 +142,51 @@ def calibrate(
         for layer, heads in sorted(layers.items()):
             console.print(f"  layer {layer:>3}: {_describe_heads(heads)}", soft_wrap=True)
     console.print(f"saved: {report.out}")
+
+
+@app.command()
+def distill(
+    recipe: str = typer.Option("seer_attention", "--recipe", "-r", help="built-in recipe name or YAML path with a "
+                               "seer_attention step"),
+    model: str = typer.Option("llama", "--model", "-m", help="alias (llama, qwen, tiny-llama), HF id, dir or .gguf"),
+    out: Path = typer.Option(None, "--out", "-o", help="checkpoint folder (default runs/<recipe>-<model>-distilled)"),
+    steps: int = typer.Option(None, help="optimizer steps (default: the recipe's train.steps)"),
+    data: str = typer.Option(None, help='training text: "builtin:corpus", a Hugging Face dataset name, or a local '
+                             "file/folder (default: the recipe's train.data)"),
+    seq_len: int = typer.Option(None, "--seq-len", help="tokens per training sequence (default: the recipe's)"),
+    resume: bool = typer.Option(False, "--resume", help="continue an interrupted run from <out>.train/state.pt"),
+    overwrite: bool = typer.Option(False, "--overwrite", help="replace --out (and an unfinished run) if they exist"),
+    dtype: str = typer.Option(None, help="float32 | bfloat16 | float16 (default fp32 on CPU, bf16 on GPU)"),
+    device: str = typer.Option(None, help="cpu | cuda (default: accelerate's device for this process)"),
+) -> None:
+    """Self-distil a recipe's SeerAttention gates (under accelerate) and save the checkpoint.
+
+    Runs in one process, or on several GPUs with `accelerate launch -m attnkit distill ...`. The loss curve
+    (loss.jsonl, loss.png) and the resumable state go to <out>/train/ (to <out>.train/ while running).
+    """
+    from accelerate import PartialState
+
+    from attnkit.train.distill import distill as run_distill
+
+    if out is None:
+        out = Path("runs") / f"{Path(recipe).stem}-{Path(model).name}-distilled"
+    try:
+        report = run_distill(
+            recipe, model, out, data=data, steps=steps, seq_len=seq_len, overwrite=overwrite, resume=resume,
+            dtype=dtype, device=device,
+        )
+    except (ValueError, FileNotFoundError, RuntimeError, KeyError, ImportError) as err:
+        _fail(err)
+    if not PartialState().is_main_process:
+        return
+    console.print(report.summary(), soft_wrap=True, highlight=False)
+    for r in report.results:
+        if r.out_dir is not None:
+            plot = r.out_dir / "loss.png"
+            curve = f"{r.out_dir / 'loss.jsonl'}" + (f", {plot}" if plot.is_file() else "")
+            console.print(f"loss curve: {curve}", soft_wrap=True, highlight=False)
+    console.print("time: " + ", ".join(f"{k} {v:.1f}s" for k, v in report.seconds.items()))
+    console.print(f"checkpoint: {report.out}  (evaluate: attnkit eval {report.out})", soft_wrap=True, highlight=False)
 
 
 def _describe_heads(heads: list) -> str:

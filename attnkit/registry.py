@@ -24,6 +24,7 @@ _BUILTIN_MODULES = (
     "attnkit.sparsify.xattention",
     "attnkit.sparsify.minference",
     "attnkit.sparsify.flexprefill",
+    "attnkit.sparsify.seer",
 )
 _builtins_loaded = False
 
