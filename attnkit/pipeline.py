@@ -7,6 +7,7 @@ same model object in the same process (the dense run switches the attention back
 
 from __future__ import annotations
 
+import json
 import os
 import time
 from dataclasses import dataclass, field
@@ -103,6 +104,7 @@ def convert(
         start = time.perf_counter()
         save(lm, out, tokenizer=tokenizer, overwrite=overwrite)
         seconds["save"] = time.perf_counter() - start
+        _write_training_curves(lm, Path(out))
     report = Report(recipe.name, model, Path(out) if out else None, lm.attnkit_state.layer_methods, None)
     if evaluate:
         spec = recipe.eval
@@ -122,6 +124,20 @@ def convert(
             report.report_dir = _write_eval_run(Path(out) / "eval", report, lm)
     report.seconds = seconds
     return report
+
+
+def _write_training_curves(model: PreTrainedModel, out: Path) -> None:
+    """Write the loss history of every training the recipe ran (``model.attnkit_training``, e.g. SeerAttention's
+    gate distillation) to ``out/train/loss.jsonl`` and ``loss.png`` (``out/train/stepN/`` when several trained)."""
+    from attnkit.train.distill import plot_loss
+
+    results = [r for r in getattr(model, "attnkit_training", None) or [] if getattr(r, "history", None)]
+    for i, result in enumerate(results):
+        folder = out / "train" / (f"step{i}" if len(results) > 1 else "")
+        folder.mkdir(parents=True, exist_ok=True)
+        jsonl = folder / "loss.jsonl"
+        jsonl.write_text("".join(json.dumps(row) + "\n" for row in result.history))
+        plot_loss(jsonl, folder / "loss.png")
 
 
 @dataclass

@@ -566,3 +566,13 @@ def test_defaults_and_bad_settings():
     builtin = Recipe.load("seer_attention")
     assert builtin.steps[0].method_name == "seer_attention" and builtin.eval.lengths == [2048]
     assert (builtin.steps[0].sparsity.mode, builtin.steps[0].calibrate_recall) == ("threshold", 0.95)
+
+
+def test_convert_writes_the_loss_curve_to_the_run_folder(tmp_path):
+    from attnkit.pipeline import convert
+
+    steps = recipe(train={"steps": 2, "lr": 1e-2, "seq_len": 128, "checkpoint_every": 0})
+    ids, _ = random_batch(260, 2, 128, seed=2)
+    convert(steps, model="tiny-llama", out=tmp_path / "run", evaluate=False, data=ids, show_progress=False)
+    rows = [json.loads(line) for line in (tmp_path / "run" / "train" / "loss.jsonl").read_text().splitlines()]
+    assert [r["step"] for r in rows] == [1, 2] and all(r["loss"] > 0 for r in rows)
