@@ -104,6 +104,7 @@ class AttnkitAttention(nn.Module):
                 self.stats = {"dense_fallback": True, "q_len": sq, "kv_len": sk}
             else:
                 block_mask = self.prefill.select_blocks(query, key, key_padding_mask)
+                block_mask = block_mask.with_dense_last_rows(self.prefill.method.dense_last_blocks)
                 self.stats = {"dense_fallback": False, "q_len": sq, "kv_len": sk, "block_mask": block_mask}
                 if isinstance(block_mask, VerticalSlashMask):  # MInference: blocks + token-level key columns
                     return vertical_slash_attention(query, key, value, block_mask, scale, key_padding_mask)

@@ -91,6 +91,12 @@ class PrefillMethod(Method):
     min_seq_len: int = Field(
         0, ge=0, description="inputs with fewer query tokens run dense attention (sparsity never slows short prompts)"
     )
+    dense_last_blocks: int = Field(
+        0,
+        ge=0,
+        description="compute the last N query blocks of each prefill dense: the question at the end of a prompt "
+        "then sees every key block (SeerAttention's last_block_dense); costs at most N/QB of dense attention",
+    )
 
 
 class PrefillLayer(nn.Module):

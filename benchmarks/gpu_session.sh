@@ -9,6 +9,7 @@
 #   issue4     attnkit bench: llama3-8b shape (32K-128K) and the embedded model (2K-8K), dense vs patched
 #   smol       benchmarks.quality on the embedded model (SmolLM2 GGUF staged in /root/attnkit-models), 4K/8K
 #   qwen       benchmarks.quality on qwen (GGUF staged), 16K/32K
+#              (both: RECIPES=a,b,... overrides the recipe list, TAG=name the JSON's suffix)
 #   store      keep every carried model part (.devstage/NAME/chunk, see ../shared/device/stage-model) in
 #              /root/attnkit-models/parts/NAME, so parts can arrive in any order, riding along other stages
 #   assemble   join the parts into the two GGUF files (s* -> SmolLM2, q* -> qwen) and check their SHA256
@@ -20,6 +21,7 @@ OUT=${OUT:-/tmp/out}
 mkdir -p "$OUT"
 SMOL=/root/attnkit-models/SmolLM2-135M-Instruct.Q4_1.gguf
 QWEN=/root/attnkit-models/Qwen2.5-Coder-0.5B-Instruct.Q4_K_M.gguf
+DEFAULT_RECIPES=benchmarks/recipes/xattention-recall95.yaml,minference,flexprefill
 
 # A machine that went cold lost /tmp/site: reinstall the carried wheels when they are here and not installed.
 if [ "$stage" != setup ] && [ -d .whl ] && ! [ -d /tmp/site/pydantic ]; then
@@ -53,14 +55,14 @@ case "$stage" in
     python3 -m attnkit bench --model "$SMOL" --recipe streaming_llm --lengths 2k,4k,8k --out "$OUT/bench-smol" 2>&1 | tail -25
     ;;
   smol)
-    python3 -m benchmarks.quality --model "$SMOL" --dtype bfloat16 --recipes benchmarks/recipes/xattention-recall95.yaml,minference,flexprefill \
+    python3 -m benchmarks.quality --model "$SMOL" --dtype bfloat16 --recipes "${RECIPES:-$DEFAULT_RECIPES}" \
       --lengths 4096,8192 --tasks passkey,niah_single,niah_multikey --samples 20 --calibration-length 8192 \
-      --out "$OUT/quality-smol.json" 2>&1 | grep -v "it/s\]" | tail -60
+      --out "$OUT/quality-smol${TAG:+-$TAG}.json" 2>&1 | grep -v "it/s\]" | tail -60
     ;;
   qwen)
-    python3 -m benchmarks.quality --model "$QWEN" --dtype bfloat16 --recipes benchmarks/recipes/xattention-recall95.yaml,minference,flexprefill \
+    python3 -m benchmarks.quality --model "$QWEN" --dtype bfloat16 --recipes "${RECIPES:-$DEFAULT_RECIPES}" \
       --lengths 16384,32768 --fidelity-lengths 16384 --tasks passkey,niah_single --samples 10 --calibration-length 16384 \
-      --out "$OUT/quality-qwen.json" 2>&1 | grep -v "it/s\]" | tail -60
+      --out "$OUT/quality-qwen${TAG:+-$TAG}.json" 2>&1 | grep -v "it/s\]" | tail -60
     ;;
   *) echo "unknown stage $stage"; exit 2 ;;
 esac

@@ -19,6 +19,7 @@ import time
 from pathlib import Path
 
 import torch
+import yaml
 
 import attnkit
 from attnkit.eval.fidelity import fidelity_at_lengths
@@ -26,15 +27,26 @@ from attnkit.eval.harness import run_tasks
 from attnkit.recipe import Recipe
 
 
-def _recipe(name: str, calibration_length: int | None) -> Recipe:
+def _recipe(spec: str, calibration_length: int | None) -> Recipe:
+    """``NAME[:field=value...]``: a recipe name or file, with fields set on every step that has them
+    (e.g. ``minference:dense_last_blocks=1``); ``calibration_length`` likewise when given."""
+    name, *settings = spec.split(":")
+    updates = {}
+    for setting in settings:
+        field, sep, value = setting.partition("=")
+        if not sep:
+            raise SystemExit(f"recipe {spec!r}: settings are field=value, got {setting!r}")
+        updates[field] = yaml.safe_load(value)
+    if calibration_length is not None:
+        updates["calibration_length"] = calibration_length
     recipe = Recipe.load(name)
-    if calibration_length is None:
-        return recipe
+    fields = {k for step in recipe.steps for k in type(step).model_fields}
+    unused = set(updates) - {"calibration_length"} - fields
+    if unused:
+        raise SystemExit(f"recipe {spec!r}: no step has the field(s) {sorted(unused)}")
     steps = []
     for step in recipe.steps:
-        if "calibration_length" in type(step).model_fields:
-            step = step.model_copy(update={"calibration_length": calibration_length})
-        steps.append(step.to_step())
+        steps.append({**step.to_step(), **{k: v for k, v in updates.items() if k in type(step).model_fields}})
     return Recipe.load({**recipe.to_dict(), "steps": steps})
 
 

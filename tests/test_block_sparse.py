@@ -153,3 +153,30 @@ def test_flex_backend_matches_reference():
     ref = reference.block_sparse_attention(q, k, v, mask, key_padding_mask=pad)
     rows_seen = (ref.abs().sum(-1) > 0)
     torch.testing.assert_close(out[rows_seen], ref[rows_seen], atol=1e-5, rtol=1e-5)
+
+
+@pytest.mark.parametrize("sq, sk, bs, rows", [(150, 150, 16, 1), (150, 150, 16, 3), (37, 200, 16, 2), (70, 70, 64, 5)])
+def test_dense_last_rows_equal_their_definition(sq, sk, bs, rows):
+    blocks = random_blocks(2, 3, sq, sk, (bs, bs), 0.3, seed=rows)
+    base = BlockMask.from_dense(blocks, sq, sk, bs)
+    got = base.with_dense_last_rows(rows)
+    qb = num_blocks(sq, bs)
+    want = blocks.clone()
+    last = torch.arange(qb) >= qb - rows
+    want[:, :, last] = causal_block_matrix(sq, sk, (bs, bs))[last]
+    assert torch.equal(got.to_dense(), want)
+    # the lists stay well formed: zero padding after each count; the input is untouched
+    slot = torch.arange(got.shape[-1])
+    assert torch.all(torch.where(slot >= got.kv_num_blocks[..., None], got.kv_indices, 0) == 0)
+    assert torch.equal(base.to_dense(), blocks)
+
+
+def test_dense_last_rows_of_a_broadcast_mask_do_not_write_through():
+    causal = causal_block_matrix(100, 100, (16, 16))
+    eye = torch.eye(causal.shape[0], dtype=torch.bool)
+    shared = BlockMask.from_dense(eye[None, None], 100, 100, 16)
+    wide = shared.expand(2, 4).with_dense_last_rows(2)
+    assert wide.shape[:2] == (2, 4)
+    assert torch.equal(shared.to_dense()[0, 0], eye)
+    assert torch.equal(wide.to_dense()[1, 3, -2:], causal[-2:])
+    assert shared.with_dense_last_rows(0) is shared

@@ -101,6 +101,29 @@ class BlockMask:
         kept = (self.to_dense() & visible).sum((-1, -2)).float()  # [B, H]
         return (kept / visible.sum()).mean(0)
 
+    def with_dense_last_rows(self, rows: int) -> BlockMask:
+        """The same mask with its last ``rows`` query blocks computing every causally visible key block.
+
+        The last query block of a prompt usually holds the question, and retrieval tasks hinge on it reaching the
+        needle's block; computing it dense costs ``rows / QB`` of dense attention at most (SeerAttention's
+        ``last_block_dense``). Only those rows of the lists are rewritten: row ``i`` lists key blocks
+        ``0 .. n_i - 1`` where ``n_i`` is its number of visible blocks. ``rows <= 0`` returns ``self``.
+        """
+        if rows <= 0:
+            return self
+        bq, bk = self.block_size
+        qb, kb = self.shape[-2:]
+        first = qb - min(rows, qb)
+        # Visible key blocks of query block i: those whose first key ≤ the position of its last row.
+        last_pos = torch.clamp((torch.arange(first, qb, device=self.device) + 1) * bq - 1, max=self.q_len - 1)
+        visible = torch.clamp((last_pos + self.q_offset) // bk + 1, max=kb).to(torch.int32)  # [rows]
+        # clone() of a broadcast (expanded) view materializes it, so the in-place writes below touch one copy only.
+        counts, indices = self.kv_num_blocks.clone(), self.kv_indices.clone()
+        slot = torch.arange(kb, device=self.device, dtype=torch.int32)
+        counts[..., first:] = visible
+        indices[..., first:, :] = torch.where(slot < visible[:, None], slot, torch.zeros_like(slot))
+        return BlockMask(counts, indices, self.q_len, self.kv_len, self.block_size)
+
     def expand(self, batch: int, heads: int) -> BlockMask:
         """Broadcast a ``B == 1`` / ``H == 1`` mask to ``[batch, heads, ...]`` (views, no copies)."""
         _b, _h, qb, kb = self.shape

@@ -149,7 +149,6 @@ class SeerAttention(PrefillMethod):
         default_factory=lambda: ["max", "min", "avg"], description="key-block pools, concatenated"
     )
     sparsity: SeerSparsity = Field(default_factory=SeerSparsity)
-    dense_last_blocks: int = Field(0, ge=0, description="compute the last N query blocks of each prefill dense")
     train: SeerTraining = Field(default_factory=SeerTraining)
     calibrate_recall: float | None = Field(
         None,

@@ -22,7 +22,7 @@ blocks is attended once, not twice.
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 import torch
 
@@ -94,6 +94,12 @@ class VerticalSlashMask:
     @property
     def device(self) -> torch.device:
         return self.columns.device
+
+    def with_dense_last_rows(self, rows: int) -> VerticalSlashMask:
+        """The same pattern with the last ``rows`` query blocks computed dense (see
+        :meth:`BlockMask.with_dense_last_rows`); the columns stay, and the kernel attends a column inside a listed
+        block once."""
+        return self if rows <= 0 else replace(self, block_mask=self.block_mask.with_dense_last_rows(rows))
 
     # ----------------------------------------------------------------------------------------- conversions
     @classmethod
