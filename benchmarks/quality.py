@@ -99,11 +99,16 @@ def main(argv: list[str] | None = None) -> dict:
         print(f"{recipe_name}: fit {fit_s:.0f}s, " + ", ".join(f"{r.task}@{r.length}={r.score:.2f}" for r in patched), flush=True)
         for f in fidelity:
             print(f"  fidelity @{f['length']}: " + ", ".join(f"{k} {v:.4f}" for k, v in f.items() if isinstance(v, float)), flush=True)
+        _write(args.out, result)  # after every recipe: a run cut short keeps what it measured
     print(markdown(result))
-    if args.out:
-        Path(args.out).parent.mkdir(parents=True, exist_ok=True)
-        Path(args.out).write_text(json.dumps(result, indent=1, default=str))
+    _write(args.out, result)
     return result
+
+
+def _write(path: str | None, result: dict) -> None:
+    if path:
+        Path(path).parent.mkdir(parents=True, exist_ok=True)
+        Path(path).write_text(json.dumps(result, indent=1, default=str))
 
 
 def markdown(result: dict) -> str:
