@@ -247,6 +247,8 @@ def bench(
     out: Path = typer.Option(None, "--out", "-o", help="run folder (default runs/bench-<timestamp>)"),
     dtype: str = typer.Option(None),
     device: str = typer.Option(None),
+    text: str = typer.Option("random", help="prompts: random ids, or 'corpus' (built-in prose; use it for "
+                                            "input-dependent methods, whose density differs on random ids)"),
 ) -> None:
     """Time to first token, time per output token, peak memory and KV bytes/token, dense vs patched."""
     from attnkit.eval.report import run_dir_path
@@ -256,7 +258,7 @@ def bench(
         report = run_bench(
             model, recipe, checkpoint=checkpoint, shape=shape, layers=layers, lengths=_int_list(lengths),
             batch=batch, new_tokens=new_tokens, warmup=warmup, repeats=repeats, dtype=dtype, device=device,
-            out=run_dir_path(out, "bench"),
+            out=run_dir_path(out, "bench"), text=text,
         )
     except (ValueError, FileNotFoundError, RuntimeError) as err:
         _fail(err)

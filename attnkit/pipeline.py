@@ -310,12 +310,15 @@ def bench(
     device: str | None = None,
     out: str | os.PathLike | None = None,
     show_progress: bool = True,
+    text: str = "random",
 ) -> BenchReport:
     """Time a model dense and patched (TTFT, TPOT, peak memory, KV bytes/token) in one process.
 
     The model is a checkpoint folder, ``model`` (alias / id / folder) with an optional ``recipe``, or, with
     ``shape`` (e.g. ``"llama3-8b"``), a random-weight model of that architecture with ``layers`` layers, for
     lengths the embedded models cannot reach. Without a recipe or checkpoint only the dense model is timed.
+    ``text``: ``"random"`` token ids, or ``"corpus"`` (the built-in prose, for input-dependent methods; needs the
+    model's tokenizer, so not with ``shape``).
     """
     from attnkit.eval.report import environment, new_run_dir, write_bench_report
     from attnkit.eval.speed import bench_model, compare_speed
@@ -323,23 +326,33 @@ def bench(
 
     if checkpoint is not None and (recipe is not None or shape is not None):
         raise ValueError("bench takes a checkpoint, or a model/shape with an optional recipe, not both")
+    if text not in ("random", "corpus"):
+        raise ValueError(f"text must be 'random' or 'corpus', got {text!r}")
+    if text == "corpus" and shape is not None:
+        raise ValueError("text='corpus' needs a real model's tokenizer; a --shape model has random weights")
     if checkpoint is not None:
-        lm, _ = load(checkpoint, dtype=dtype, device=device)
+        lm, tokenizer = load(checkpoint, dtype=dtype, device=device)
         name = str(checkpoint)
     else:
         if shape is not None:
-            lm, _ = random_model(shape, layers, dtype=dtype, device=device)
+            lm, tokenizer = random_model(shape, layers, dtype=dtype, device=device)
             name = f"random {shape} ({layers} layers)"
         else:
-            lm, _ = load_model(model, dtype=dtype, device=device)
+            lm, tokenizer = load_model(model, dtype=dtype, device=device)
             name = model
         if recipe is not None:
             apply(lm, recipe)
     state = getattr(lm, "attnkit_state", None)
     title = f"{state.recipe.name if state else 'dense'} on {name}"
+    ids = None
+    if text == "corpus":
+        from attnkit.eval.corpus import sentences
+
+        ids = tokenizer(" ".join(sentences()), return_tensors="pt", verbose=False)["input_ids"][0]
+        title += ", built-in corpus text"
     rows = bench_model(
         lm, lengths or [4096], batch=batch, new_tokens=new_tokens, warmup=warmup, repeats=repeats,
-        show_progress=show_progress,
+        show_progress=show_progress, text=ids,
     )
     dev = next(lm.parameters()).device
     report = BenchReport(title, rows, compare_speed(rows), dev.type)

@@ -10,6 +10,8 @@
 #   smol       benchmarks.quality on the embedded model (SmolLM2 GGUF staged in /root/attnkit-models), 4K/8K
 #   qwen       benchmarks.quality on qwen (GGUF staged), 16K/32K
 #              (both: RECIPES=a,b,... overrides the recipe list, TAG=name the JSON's suffix)
+#   bench-qwen attnkit bench on qwen at 16K/32K on corpus text, each dynamic method vs dense (selection/gate cost
+#              included); RECIPES overrides the list
 #   store      keep every carried model part (.devstage/NAME/chunk, see ../shared/device/stage-model) in
 #              /root/attnkit-models/parts/NAME, so parts can arrive in any order, riding along other stages
 #   assemble   join the parts into the two GGUF files (s* -> SmolLM2, q* -> qwen) and check their SHA256
@@ -63,6 +65,12 @@ case "$stage" in
     python3 -m benchmarks.quality --model "$QWEN" --dtype bfloat16 --recipes "${RECIPES:-$DEFAULT_RECIPES}" \
       --lengths 16384,32768 --fidelity-lengths 16384 --tasks passkey,niah_single --samples 10 --calibration-length 16384 \
       --out "$OUT/quality-qwen${TAG:+-$TAG}.json" 2>&1 | grep -v "it/s\]" | tail -60
+    ;;
+  bench-qwen)
+    for r in $(echo "${RECIPES:-xattention,minference,flexprefill,benchmarks/recipes/seer-train16k.yaml}" | tr , ' '); do
+      python3 -m attnkit bench --model "$QWEN" --dtype bfloat16 --recipe "$r" --lengths 16k,32k --text corpus \
+        --new-tokens 16 --out "$OUT/bench-qwen-$(basename "$r" .yaml)" 2>&1 | grep -v "it/s\]" | tail -14
+    done
     ;;
   *) echo "unknown stage $stage"; exit 2 ;;
 esac

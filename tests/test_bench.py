@@ -86,11 +86,35 @@ def test_cli_bench_writes_a_run_folder(tmp_path):
     assert [r["mode"] for r in rows] == ["dense", "patched"]
 
 
+def test_bench_on_text_uses_windows_of_it(monkeypatch):
+    model, _ = attnkit.load_model("tiny-llama", dtype="float32", device="cpu")
+    seen = []
+    real_forward = model.forward
+    monkeypatch.setattr(model, "forward", lambda *a, **k: seen.append(k["input_ids"].clone()) or real_forward(*a, **k))
+    text = torch.arange(10, 47)  # 37 tokens, shorter than the prompt: windows wrap around
+    bench_model(model, [100], batch=2, new_tokens=0, repeats=1, warmup=0, show_progress=False, text=text)
+    prompt = seen[0]
+    assert prompt.shape == (2, 100)
+    for row in prompt:  # consecutive tokens of the (cyclic) text
+        assert torch.equal((row[1:] - 10) % 37, (row[:-1] - 10 + 1) % 37)
+
+
+def test_cli_bench_on_corpus_text(tmp_path):
+    out = tmp_path / "bench"
+    result = runner.invoke(app, ["bench", "--model", "tiny-llama", "--recipe", "xattention", "--lengths", "128",
+                                 "--text", "corpus", "--new-tokens", "0", "--repeats", "1", "--warmup", "0",
+                                 "--out", str(out)])
+    assert result.exit_code == 0, result.output
+    assert "corpus" in (out / "summary.md").read_text()
+
+
 @pytest.mark.parametrize("args, message", [
     (["eval"], "give a checkpoint folder"),
     (["eval", "--model", "tiny-llama"], "give a checkpoint folder"),
     (["eval", "some-dir", "--recipe", "sliding_window"], "carries its own recipe"),
     (["bench", "--shape", "nope"], "unknown shape"),
+    (["bench", "--shape", "llama3-8b", "--text", "corpus"], "needs a real model"),
+    (["bench", "--text", "lorem"], "text must be"),
 ])
 def test_cli_errors(args, message, tmp_path):
     result = runner.invoke(app, [*args, "--out", str(tmp_path / "o")])

@@ -166,6 +166,7 @@ def bench_model(
     repeats: int = 3,
     seed: int = 0,
     show_progress: bool = True,
+    text: torch.Tensor | None = None,
 ) -> list[SpeedRow]:
     """Time ``model`` dense and (if patched) patched at each prompt length; rows are dense then patched per length.
 
@@ -176,6 +177,9 @@ def bench_model(
         batch: sequences per forward (all of one length, no padding).
         new_tokens: greedy decode steps after the prefill (0: prefill only).
         warmup, repeats: untimed runs first, then the median of ``repeats`` timed runs.
+        text: optional 1-D token ids ``[N]``; prompts are then windows of it (repeated to reach the length) instead
+            of random ids. Methods whose selection depends on the input (XAttention, MInference, FlexPrefill,
+            SeerAttention) pick very different densities on random ids than on text: time them on text.
     """
     if not lengths or any(n < 1 for n in lengths):
         raise ValueError(f"lengths must be positive token counts, got {list(lengths)}")
@@ -194,7 +198,13 @@ def bench_model(
     with progress:
         bar = progress.add_task("bench", total=len(lengths) * len(modes))
         for length in lengths:
-            ids = torch.randint(0, model.config.vocab_size, (batch, length), generator=gen).to(device)
+            if text is None:
+                ids = torch.randint(0, model.config.vocab_size, (batch, length), generator=gen)
+            else:
+                ring = text.repeat(length // text.numel() + 2)
+                starts = torch.randint(0, text.numel(), (batch,), generator=gen).tolist()
+                ids = torch.stack([ring[s : s + length] for s in starts])
+            ids = ids.to(device)
             for mode in modes:
                 progress.update(bar, description=f"bench {mode} {length}")
                 with dense(model) if mode == "dense" and patched else nullcontext():
