@@ -158,6 +158,8 @@ def distill(
     overwrite: bool = typer.Option(False, "--overwrite", help="replace --out (and an unfinished run) if they exist"),
     dtype: str = typer.Option(None, help="float32 | bfloat16 | float16 (default fp32 on CPU, bf16 on GPU)"),
     device: str = typer.Option(None, help="cpu | cuda (default: accelerate's device for this process)"),
+    fsdp: bool = typer.Option(False, "--fsdp", help="shard the frozen model with FSDP2 over the processes (automatic "
+                              "under an accelerate FSDP2 config; the trained modules stay replicated)"),
 ) -> None:
     """Self-distil a recipe's SeerAttention gates (under accelerate) and save the checkpoint.
 
@@ -173,7 +175,7 @@ def distill(
     try:
         report = run_distill(
             recipe, model, out, data=data, steps=steps, seq_len=seq_len, overwrite=overwrite, resume=resume,
-            dtype=dtype, device=device,
+            dtype=dtype, device=device, fsdp=fsdp,
         )
     except (ValueError, FileNotFoundError, RuntimeError, KeyError, ImportError) as err:
         _fail(err)

@@ -29,10 +29,10 @@ def seer_recipe(path: Path, batch_size: int) -> Path:
     return path
 
 
-def distill(tmp_path: Path, name: str, batch_size: int, processes: int) -> Path:
+def distill(tmp_path: Path, name: str, batch_size: int, processes: int, *extra: str) -> Path:
     out = tmp_path / name
     args = ["-m", "attnkit", "distill", "--model", "tiny-llama", "--recipe",
-            str(seer_recipe(tmp_path / f"{name}.yaml", batch_size)), "--out", str(out)]
+            str(seer_recipe(tmp_path / f"{name}.yaml", batch_size)), "--out", str(out), *extra]
     if processes == 1:
         cmd = [sys.executable, *args]
     else:
@@ -44,12 +44,17 @@ def distill(tmp_path: Path, name: str, batch_size: int, processes: int) -> Path:
     env = {**os.environ, "ACCELERATE_USE_CPU": "true", "OMP_NUM_THREADS": "1", "CUDA_VISIBLE_DEVICES": ""}
     proc = subprocess.run(cmd, capture_output=True, text=True, env=env, timeout=600)
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    sharded = "FSDP2: frozen model sharded" in proc.stdout
+    assert sharded == ("--fsdp" in extra), proc.stdout[-3000:]
     return out
 
 
-def test_two_processes_equal_one_process_with_the_same_global_batch(tmp_path):
+@pytest.mark.parametrize("sharded", [False, True], ids=["replicated", "fsdp2"])
+def test_two_processes_equal_one_process_with_the_same_global_batch(tmp_path, sharded):
+    """Two processes with batch 1 each = one process with batch 2; with ``--fsdp`` the frozen model is sharded
+    with FSDP2 (each process holds half of every decoder layer) and the result is the same."""
     one = distill(tmp_path, "one", batch_size=2, processes=1)
-    two = distill(tmp_path, "two", batch_size=1, processes=2)
+    two = distill(tmp_path, "two", 1, 2, *(["--fsdp"] if sharded else []))
     rows_one = [json.loads(x) for x in (one / "train" / "loss.jsonl").read_text().splitlines()]
     rows_two = [json.loads(x) for x in (two / "train" / "loss.jsonl").read_text().splitlines()]
     # one row per step (only the main process writes), the same tokens seen

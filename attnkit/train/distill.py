@@ -446,9 +446,13 @@ class DistillReport:
     seconds: dict[str, float] = field(default_factory=dict)
     # per Seer step: layer → calibrated per-head thresholds ({} when the step has no calibration target)
     thresholds: list[dict[int, list[float]]] = field(default_factory=list)
+    # FSDP2: (units sharded, processes); None when the model stayed whole on every process
+    sharded: tuple[int, int] | None = None
 
     def summary(self) -> str:
         lines = [f"{self.recipe} on {self.model} → {self.out}"]
+        if self.sharded is not None:
+            lines.append(f"  FSDP2: frozen model sharded in {self.sharded[0]} units over {self.sharded[1]} processes")
         for i, r in enumerate(self.results):
             speed = f", {r.tokens_per_second:,.0f} tokens/s" if r.tokens_per_second else ""
             loss = "n/a" if r.loss is None else f"{r.loss:.4f}"
@@ -476,6 +480,7 @@ def distill(
     dtype: torch.dtype | str | None = None,
     device: str | None = None,
     show_progress: bool = True,
+    fsdp: bool = False,
 ) -> DistillReport:
     """Load ``model``, apply ``recipe``, train its SeerAttention gates, save the checkpoint to ``out``.
 
@@ -490,6 +495,11 @@ def distill(
     work rather than discard it. Also fails before any work when ``out`` exists and ``overwrite`` is false.
     Steps with a calibration target (``calibrate_recall`` / ``calibrate_density``) calibrate their thresholds
     after training, as ``attnkit.apply`` does.
+
+    Sharding: under ``accelerate launch`` with an FSDP2 config, or with ``fsdp=True`` in any multi-process run, the
+    frozen model is sharded with FSDP2 while the gates stay replicated (:mod:`attnkit.train.sharding`); the
+    checkpoint is then written from a fresh unsharded copy of the model (re-loaded on the CPU by the main process:
+    the base weights never change) with the trained gates copied in.
     """
     from accelerate import Accelerator
 
@@ -497,6 +507,7 @@ def distill(
     from attnkit.models import load_model
     from attnkit.patch import apply
     from attnkit.recipe import Recipe
+    from attnkit.train.sharding import copy_attnkit_state, fsdp2_settings, shard_frozen
 
     recipe = Recipe.load(recipe)
     if data is not None or steps is not None or seq_len is not None:
@@ -523,9 +534,13 @@ def distill(
     lm, tokenizer = load_model(model, dtype=dtype, device=device or str(accelerator.device))
     seconds["load"] = time.perf_counter() - start
     apply(lm, recipe, fit=False)
+    seer_steps = [s for s in recipe.steps if isinstance(s, SeerAttention)]
+    sharding, sharded = fsdp2_settings(accelerator, requested=fsdp), None
+    if sharding is not None:
+        gate_params = [p for s in seer_steps for gate in seer_gates(lm, s).values() for p in gate.parameters()]
+        sharded = (shard_frozen(lm, gate_params, **sharding), accelerator.num_processes)
     results, thresholds = [], []
     start = time.perf_counter()
-    seer_steps = [s for s in recipe.steps if isinstance(s, SeerAttention)]
     for step in recipe.steps:
         if isinstance(step, SeerAttention):
             folder = staging if len(seer_steps) == 1 else staging / f"step{seer_steps.index(step)}"
@@ -541,14 +556,20 @@ def distill(
     seconds["train"] = time.perf_counter() - start
     if accelerator.is_main_process:
         start = time.perf_counter()
-        save(lm, out, tokenizer=tokenizer, overwrite=overwrite)
+        if sharding is not None:  # save from a whole copy: the sharded weights are DTensor pieces
+            whole, _ = load_model(model, dtype=dtype, device="cpu")
+            apply(whole, recipe, fit=False)
+            copy_attnkit_state(lm, whole)
+            save(whole, out, tokenizer=tokenizer, overwrite=overwrite)
+        else:
+            save(lm, out, tokenizer=tokenizer, overwrite=overwrite)
         shutil.move(str(staging), str(out / "train"))
         seconds["save"] = time.perf_counter() - start
     accelerator.wait_for_everyone()
     for r in results:
         if r.out_dir is not None:
             r.out_dir = out / "train" / r.out_dir.relative_to(staging)
-    return DistillReport(recipe.name, model, out, results, seconds, thresholds)
+    return DistillReport(recipe.name, model, out, results, seconds, thresholds, sharded)
 
 
 def _override_training(recipe, *, data: str | None, steps: int | None, seq_len: int | None):
