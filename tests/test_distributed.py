@@ -66,3 +66,8 @@ def test_two_processes_equal_one_process_with_the_same_global_batch(tmp_path, sh
     assert gates_one.keys() == gates_two.keys()
     for key in gates_one:
         torch.testing.assert_close(gates_two[key], gates_one[key], atol=1e-5, rtol=1e-4)
+    # the base weights saved by a sharded run are the whole, unchanged ones
+    base_one, base_two = load_file(one / "model.safetensors"), load_file(two / "model.safetensors")
+    assert base_one.keys() == base_two.keys()
+    for key in base_one:
+        torch.testing.assert_close(base_two[key], base_one[key], atol=0, rtol=0)

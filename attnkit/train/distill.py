@@ -79,6 +79,7 @@ class DistillResult:
     resumed_from: int = 0  # the step a saved state was resumed from (0: fresh)
     out_dir: Path | None = None
     tokens_this_run: int = 0  # tokens trained on by this call (all processes)
+    peak_memory_mb: float | None = None  # peak CUDA memory allocated by this process during the call (None on CPU)
 
     @property
     def tokens_per_second(self) -> float | None:
@@ -250,6 +251,8 @@ def distill_gates(
             next(stream)
 
         result = DistillResult(start_step, history[-1]["loss"] if history else None, history, 0.0, tokens, start_step, out)
+        if device.type == "cuda":
+            torch.cuda.reset_peak_memory_stats(device)
         started = time.perf_counter()
         with _progress(show_progress and main, cfg.steps, start_step) as advance:
             for step in range(start_step, cfg.steps):
@@ -297,6 +300,8 @@ def distill_gates(
                 if out is not None and cfg.checkpoint_every and done % cfg.checkpoint_every == 0 and done < cfg.steps:
                     _checkpoint(accelerator, out, done, tokens, method, gates, optimizer, scheduler)
         result.seconds = time.perf_counter() - started
+        if device.type == "cuda":
+            result.peak_memory_mb = torch.cuda.max_memory_allocated(device) / 2**20
         result.tokens_this_run = tokens - result.tokens  # result.tokens still holds the resumed count
         result.steps, result.tokens = max(cfg.steps, start_step), tokens
         if out is not None:
@@ -455,6 +460,8 @@ class DistillReport:
             lines.append(f"  FSDP2: frozen model sharded in {self.sharded[0]} units over {self.sharded[1]} processes")
         for i, r in enumerate(self.results):
             speed = f", {r.tokens_per_second:,.0f} tokens/s" if r.tokens_per_second else ""
+            if r.peak_memory_mb is not None:
+                speed += f", peak {r.peak_memory_mb:,.0f} MB per GPU"
             loss = "n/a" if r.loss is None else f"{r.loss:.4f}"
             lines.append(f"  gates {i}: {r.steps} steps, final loss {loss}{speed} ({r.seconds:.0f} s)")
             calibrated = sorted(t for layer in (self.thresholds[i] if i < len(self.thresholds) else {}).values() for t in layer)
@@ -475,6 +482,7 @@ def distill(
     data: str | None = None,
     steps: int | None = None,
     seq_len: int | None = None,
+    batch_size: int | None = None,
     overwrite: bool = False,
     resume: bool = False,
     dtype: torch.dtype | str | None = None,
@@ -485,7 +493,7 @@ def distill(
     """Load ``model``, apply ``recipe``, train its SeerAttention gates, save the checkpoint to ``out``.
 
     What ``attnkit distill`` runs, also under ``accelerate launch -m attnkit distill ...`` (every process trains on
-    its own data shard on its own device; process 0 writes). ``data`` / ``steps`` / ``seq_len`` override the
+    its own data shard on its own device; process 0 writes). ``data`` / ``steps`` / ``seq_len`` / ``batch_size`` override the
     ``train:`` block of every SeerAttention step. Other steps calibrate as in ``attnkit.apply``.
 
     Training files go to ``<out>.train/`` while the run is under way and into ``<out>/train/`` once the checkpoint
@@ -498,8 +506,8 @@ def distill(
 
     Sharding: under ``accelerate launch`` with an FSDP2 config, or with ``fsdp=True`` in any multi-process run, the
     frozen model is sharded with FSDP2 while the gates stay replicated (:mod:`attnkit.train.sharding`); the
-    checkpoint is then written from a fresh unsharded copy of the model (re-loaded on the CPU by the main process:
-    the base weights never change) with the trained gates copied in.
+    checkpoint is then written by the main process from an unsharded copy on the CPU that receives the gathered full
+    state dict.
     """
     from accelerate import Accelerator
 
@@ -507,11 +515,11 @@ def distill(
     from attnkit.models import load_model
     from attnkit.patch import apply
     from attnkit.recipe import Recipe
-    from attnkit.train.sharding import copy_attnkit_state, fsdp2_settings, shard_frozen
+    from attnkit.train.sharding import fsdp2_settings, full_state_dict, shard_frozen
 
     recipe = Recipe.load(recipe)
-    if data is not None or steps is not None or seq_len is not None:
-        recipe = _override_training(recipe, data=data, steps=steps, seq_len=seq_len)
+    if data is not None or steps is not None or seq_len is not None or batch_size is not None:
+        recipe = _override_training(recipe, data=data, steps=steps, seq_len=seq_len, batch_size=batch_size)
     if not any(isinstance(s, SeerAttention) for s in recipe.steps):
         raise ValueError(f"recipe {recipe.name!r} has no seer_attention step: nothing to distill")
     out = Path(out)
@@ -554,12 +562,13 @@ def distill(
         else:
             step.fit(lm, None)
     seconds["train"] = time.perf_counter() - start
+    full_state = full_state_dict(lm) if sharding is not None else None  # collective: every process joins
     if accelerator.is_main_process:
         start = time.perf_counter()
-        if sharding is not None:  # save from a whole copy: the sharded weights are DTensor pieces
+        if full_state is not None:  # save from a whole copy: the sharded weights are DTensor pieces
             whole, _ = load_model(model, dtype=dtype, device="cpu")
             apply(whole, recipe, fit=False)
-            copy_attnkit_state(lm, whole)
+            whole.load_state_dict(full_state)
             save(whole, out, tokenizer=tokenizer, overwrite=overwrite)
         else:
             save(lm, out, tokenizer=tokenizer, overwrite=overwrite)
@@ -572,7 +581,9 @@ def distill(
     return DistillReport(recipe.name, model, out, results, seconds, thresholds, sharded)
 
 
-def _override_training(recipe, *, data: str | None, steps: int | None, seq_len: int | None):
+def _override_training(
+    recipe, *, data: str | None, steps: int | None, seq_len: int | None, batch_size: int | None = None
+):
     from attnkit.recipe import Recipe
 
     spec = recipe.to_dict()
@@ -580,7 +591,7 @@ def _override_training(recipe, *, data: str | None, steps: int | None, seq_len: 
         if step["method"] != SeerAttention.method_name:
             continue
         train = step.setdefault("train", {})
-        for key, value in (("data", data), ("steps", steps), ("seq_len", seq_len)):
+        for key, value in (("data", data), ("steps", steps), ("seq_len", seq_len), ("batch_size", batch_size)):
             if value is not None:
                 train[key] = value
     return Recipe._validate(spec, f"recipe {recipe.name!r} with command-line overrides")

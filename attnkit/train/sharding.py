@@ -68,8 +68,7 @@ def shard_frozen(
 
     Every decoder layer becomes one unit, then the root (embeddings, final norm, LM head). Needs an initialized
     process group (accelerate's). Returns the number of units. The model's parameters other than ``replicated``
-    become ``DTensor`` shards: save such a model through :func:`attnkit.train.distill.distill`, which writes the
-    checkpoint from an unsharded copy."""
+    become ``DTensor`` shards: :func:`full_state_dict` gathers them for a checkpoint."""
     import torch.distributed as dist
     from torch.distributed.device_mesh import init_device_mesh
     from torch.distributed.fsdp import fully_shard
@@ -86,16 +85,9 @@ def shard_frozen(
     return len(units) + 1
 
 
-def copy_attnkit_state(source: nn.Module, target: nn.Module) -> None:
-    """Copy every attnkit per-layer module's parameters and buffers (gates, thresholds, feature maps) from
-    ``source`` to ``target``, two models patched with the same recipe. The attnkit modules are never sharded, so
-    this works from a sharded ``source`` to a whole ``target``."""
-    from attnkit.attention import attention_modules
+def full_state_dict(model: nn.Module) -> dict:
+    """The whole state dict of a sharded ``model``, gathered onto the CPU of the main process (other processes
+    get an empty dict). A collective: every process must call it."""
+    from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict
 
-    pairs = list(zip(attention_modules(source), attention_modules(target), strict=True))
-    for src, dst in pairs:
-        a, b = getattr(src, "attnkit", None), getattr(dst, "attnkit", None)
-        if (a is None) != (b is None):
-            raise ValueError("source and target models are not patched alike")
-        if a is not None:
-            b.load_state_dict(a.state_dict())  # copies across devices and dtypes in place
+    return get_model_state_dict(model, options=StateDictOptions(full_state_dict=True, cpu_offload=True))
