@@ -1,0 +1,120 @@
+"""Quest page scores in Triton: same signature and semantics as
+:func:`attnkit.kernels.page_scores.reference.page_scores`.
+
+``max(q_i·M_i, q_i·m_i)`` is ``q_i·M_i`` where ``q_i ≥ 0`` and ``q_i·m_i`` where ``q_i < 0`` (``M_i ≥ m_i``), so a
+page's score is two dot products, ``q⁺·M + q⁻·m`` with ``q⁺ = max(q, 0)`` and ``q⁻ = min(q, 0)``: tensor-core dots
+of the GQA group's query rows (padded to 16) by ``BLOCK_P`` pages of bounds, accumulated in fp32 (bf16/fp16 products
+are exact in fp32, so only the summation order differs from the reference). One program scores ``BLOCK_P`` pages of
+one (batch, KV head) for every query head of its group, so each bound is read from memory once per decode step:
+the op's cost is reading ``2 × pages × D`` bound elements per KV head, ``2 / page_size`` of the KV cache's bytes.
+
+Limits (:func:`supports`): head_dim a power of two from 16 to 256, fp16/bf16/fp32, at most 64 query heads per
+KV head.
+"""
+
+from __future__ import annotations
+
+import os
+
+import torch
+import triton
+import triton.language as tl
+
+from attnkit.kernels.page_scores.reference import check_inputs
+
+INTERPRET = os.environ.get("TRITON_INTERPRET", "0") == "1"
+
+
+@triton.jit
+def _page_scores_kernel(
+    q_ptr, min_ptr, max_ptr, valid_ptr, out_ptr,
+    stride_qb, stride_qh,
+    stride_bb, stride_bh, stride_bp,
+    stride_ob, stride_oh,
+    num_kv_heads, num_pages,
+    GROUP: tl.constexpr, BLOCK_G: tl.constexpr, BLOCK_P: tl.constexpr, D: tl.constexpr,
+    SHARE: tl.constexpr, IEEE: tl.constexpr,
+):
+    pid = tl.program_id(0)
+    b = pid // num_kv_heads
+    hkv = pid % num_kv_heads
+    offs_p = tl.program_id(1) * BLOCK_P + tl.arange(0, BLOCK_P)
+    offs_g = tl.arange(0, BLOCK_G)
+    offs_d = tl.arange(0, D)
+    g_ok = offs_g < GROUP
+    p_ok = offs_p < num_pages
+
+    q_ptrs = q_ptr + b * stride_qb + (hkv * GROUP + offs_g)[:, None] * stride_qh + offs_d[None, :]
+    q = tl.load(q_ptrs, mask=g_ok[:, None], other=0.0)
+    b_off = b.to(tl.int64) * stride_bb + hkv.to(tl.int64) * stride_bh
+    page_off = offs_p.to(tl.int64)[:, None] * stride_bp + offs_d[None, :]
+    hi = tl.load(max_ptr + b_off + page_off, mask=p_ok[:, None], other=0.0)
+    lo = tl.load(min_ptr + b_off + page_off, mask=p_ok[:, None], other=0.0)
+    zero = tl.zeros_like(q)
+    q_pos = tl.maximum(q, zero)
+    q_neg = tl.minimum(q, zero)
+    if IEEE:
+        s = tl.dot(q_pos.to(tl.float32), tl.trans(hi.to(tl.float32)), input_precision="ieee")
+        s = tl.dot(q_neg.to(tl.float32), tl.trans(lo.to(tl.float32)), s, input_precision="ieee")
+    else:
+        s = tl.dot(q_pos, tl.trans(hi))
+        s = tl.dot(q_neg, tl.trans(lo), s)
+
+    valid = tl.load(valid_ptr + b)
+    s = tl.where((offs_p < valid)[None, :], s, float("-inf"))
+    if SHARE:
+        s = tl.where(g_ok[:, None], s, float("-inf"))
+        best = tl.max(s, axis=0)
+        tl.store(out_ptr + b * stride_ob + hkv * stride_oh + offs_p, best, mask=p_ok)
+    else:
+        o_ptrs = out_ptr + b * stride_ob + (hkv * GROUP + offs_g)[:, None] * stride_oh + offs_p[None, :]
+        tl.store(o_ptrs, s, mask=g_ok[:, None] & p_ok[None, :])
+
+
+def supports(query: torch.Tensor, page_min: torch.Tensor) -> str | None:
+    """None when the kernel handles these inputs, else why not (the dispatcher then runs the reference)."""
+    d = query.shape[-1]
+    if d < 16 or d > 256 or d & (d - 1):
+        return f"head_dim {d} is not a power of two in [16, 256]"
+    if query.dtype not in (torch.float16, torch.bfloat16, torch.float32) or page_min.dtype != query.dtype:
+        return f"dtypes {query.dtype}/{page_min.dtype} (need one of fp16/bf16/fp32 for both)"
+    if query.shape[1] // page_min.shape[1] > 64:
+        return "more than 64 query heads per KV head"
+    return None
+
+
+def page_scores(
+    query: torch.Tensor,
+    page_min: torch.Tensor,
+    page_max: torch.Tensor,
+    valid_pages: torch.Tensor,
+    share_gqa_group: bool = False,
+) -> torch.Tensor:
+    """See :func:`attnkit.kernels.page_scores.reference.page_scores`."""
+    check_inputs(query, page_min, page_max, valid_pages)
+    reason = supports(query, page_min)
+    if reason is not None:
+        raise ValueError(f"Triton page scoring does not support these inputs: {reason}")
+    if page_min.stride(-1) != 1 or page_max.stride() != page_min.stride():
+        page_min, page_max = page_min.contiguous(), page_max.contiguous()
+    if query.stride(-1) != 1:
+        query = query.contiguous()
+    b, hq, d = query.shape
+    hkv, pages = page_min.shape[1], page_min.shape[2]
+    group = hq // hkv
+    out = torch.empty(b, hkv if share_gqa_group else hq, pages, dtype=torch.float32, device=query.device)
+    if pages == 0:
+        return out
+    block_p = 64 if d <= 128 else 32
+    grid = (b * hkv, triton.cdiv(pages, block_p))
+    _page_scores_kernel[grid](
+        query, page_min, page_max, valid_pages.to(device=query.device, dtype=torch.int32), out,
+        query.stride(0), query.stride(1),
+        page_min.stride(0), page_min.stride(1), page_min.stride(2),
+        out.stride(0), out.stride(1),
+        hkv, pages,
+        GROUP=group, BLOCK_G=max(16, triton.next_power_of_2(group)), BLOCK_P=block_p, D=d,
+        SHARE=share_gqa_group, IEEE=INTERPRET or query.dtype == torch.float32,
+        num_warps=4,
+    )
+    return out
