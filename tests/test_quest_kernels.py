@@ -1,6 +1,6 @@
 """Quest's kernels against their PyTorch references: page scoring and sparse paged decode attention.
 
-Triton runs under ``TRITON_INTERPRET=1`` on CPU (set by conftest), at tiny odd shapes, fp32/fp16 (the interpreter's
+Triton runs under ``TRITON_INTERPRET=1`` on CPU (set by conftest), at tiny odd shapes, fp32/fp16/bf16 (the interpreter's
 bf16 dot is wrong), with NaN-poisoned allocations so an unwritten row or split fails.
 """
 
@@ -40,7 +40,7 @@ SCORE_CASES = [  # (B, Hq, Hkv, pages, D)
 
 
 @pytest.mark.parametrize("share", [False, True], ids=["per-head", "shared"])
-@pytest.mark.parametrize("dtype", [torch.float32, torch.float16], ids=["fp32", "fp16"])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16, torch.bfloat16], ids=["fp32", "fp16", "bf16"])
 @pytest.mark.parametrize("case", SCORE_CASES, ids=lambda c: "B{}-Hq{}-Hkv{}-P{}-D{}".format(*c))
 def test_page_scores_triton_matches_reference(case, dtype, share, nan_empty):
     b, hq, hkv, pages, d = case
@@ -84,9 +84,12 @@ ATTN_CASES = [  # (B, Hq, Hkv, S, D, page, K, pads)
 ]
 
 
-@pytest.mark.parametrize("splits", [None, 1, 3], ids=["auto", "1split", "3splits"])
 @pytest.mark.parametrize("share", [False, True], ids=["per-head", "shared"])
-@pytest.mark.parametrize("dtype", [torch.float32, torch.float16], ids=["fp32", "fp16"])
+@pytest.mark.parametrize(
+    ("dtype", "splits"),
+    [(torch.float32, None), (torch.float32, 1), (torch.float32, 3), (torch.float16, None), (torch.bfloat16, 3)],
+    ids=["fp32-auto", "fp32-1split", "fp32-3splits", "fp16-auto", "bf16-3splits"],
+)
 @pytest.mark.parametrize("case", ATTN_CASES, ids=lambda c: "B{}-Hq{}-Hkv{}-S{}-D{}-P{}-K{}".format(*c[:7]))
 def test_sparse_decode_triton_matches_reference(case, dtype, share, splits, nan_empty):
     b, hq, hkv, s, d, page, k, pads = case
@@ -108,7 +111,7 @@ def test_sparse_decode_triton_matches_reference(case, dtype, share, splits, nan_
     want = attn_ref.sparse_decode_attention(q, key, value, pages, page, pad, scale=0.3)
     got = attn_tri.sparse_decode_attention(q, key, value, pages, page, pad, scale=0.3, num_splits=splits)
     assert not got.isnan().any()
-    tol = 1e-5 if dtype == torch.float32 else 2e-3
+    tol = {torch.float32: 1e-5, torch.float16: 2e-3, torch.bfloat16: 1.6e-2}[dtype]
     torch.testing.assert_close(got.float(), want.float(), rtol=tol, atol=tol)
 
 

@@ -50,12 +50,16 @@ def _page_scores_kernel(
     page_off = offs_p.to(tl.int64)[:, None] * stride_bp + offs_d[None, :]
     hi = tl.load(max_ptr + b_off + page_off, mask=p_ok[:, None], other=0.0)
     lo = tl.load(min_ptr + b_off + page_off, mask=p_ok[:, None], other=0.0)
+    if IEEE:  # fp32 math (also the interpreter's path: its bf16 arithmetic is not reliable)
+        q = q.to(tl.float32)
+        hi = hi.to(tl.float32)
+        lo = lo.to(tl.float32)
     zero = tl.zeros_like(q)
     q_pos = tl.maximum(q, zero)
     q_neg = tl.minimum(q, zero)
     if IEEE:
-        s = tl.dot(q_pos.to(tl.float32), tl.trans(hi.to(tl.float32)), input_precision="ieee")
-        s = tl.dot(q_neg.to(tl.float32), tl.trans(lo.to(tl.float32)), s, input_precision="ieee")
+        s = tl.dot(q_pos, tl.trans(hi), input_precision="ieee")
+        s = tl.dot(q_neg, tl.trans(lo), s, input_precision="ieee")
     else:
         s = tl.dot(q_pos, tl.trans(hi))
         s = tl.dot(q_neg, tl.trans(lo), s)
