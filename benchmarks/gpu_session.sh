@@ -12,6 +12,10 @@
 #              (both: RECIPES=a,b,... overrides the recipe list, TAG=name the JSON's suffix)
 #   bench-qwen attnkit bench on qwen at 16K/32K on corpus text, each dynamic method vs dense (selection/gate cost
 #              included); RECIPES overrides the list
+#   quest      Quest: GPU kernel tests, then benchmarks.quest (decode attention at 32K/64K/128K, batch 1 and 8, vs
+#              dense SDPA and a naive gather; time per output token of a random 32-layer Llama-3-8B at 128K)
+#   quest-smol benchmarks.quality of Quest on the embedded model, 4K/8K, budgets 256/512/1024 (+1024 GQA-shared)
+#   quest-qwen benchmarks.quality of Quest on qwen, 16K/32K, budgets 1024/2048
 #   store      keep every carried model part (.devstage/NAME/chunk, see ../shared/device/stage-model) in
 #              /root/attnkit-models/parts/NAME, so parts can arrive in any order, riding along other stages
 #   assemble   join the parts into the two GGUF files (s* -> SmolLM2, q* -> qwen) and check their SHA256
@@ -71,6 +75,22 @@ case "$stage" in
       python3 -m attnkit bench --model "$QWEN" --dtype bfloat16 --recipe "$r" --lengths 16k,32k --text corpus \
         --new-tokens 16 --out "$OUT/bench-qwen-$(basename "$r" .yaml)" 2>&1 | grep -v "it/s\]" | tail -14
     done
+    ;;
+  quest)
+    python3 -m pytest -q -x -p no:cacheprovider tests/test_quest_kernels.py 2>&1 | tail -5
+    python3 -m benchmarks.quest --out "$OUT" 2>&1 | tail -30
+    ;;
+  quest-smol)
+    python3 -m benchmarks.quality --model "$SMOL" --dtype bfloat16 \
+      --recipes "${RECIPES:-quest:token_budget=256,quest:token_budget=512,quest:token_budget=1024,quest:token_budget=1024:share_gqa_group=true}" \
+      --lengths 4096,8192 --tasks passkey,niah_single,niah_multikey --samples 20 \
+      --out "$OUT/quality-smol-quest${TAG:+-$TAG}.json" 2>&1 | grep -v "it/s\]" | tail -40
+    ;;
+  quest-qwen)
+    python3 -m benchmarks.quality --model "$QWEN" --dtype bfloat16 \
+      --recipes "${RECIPES:-quest:token_budget=1024,quest:token_budget=2048}" \
+      --lengths 16384,32768 --fidelity-lengths 16384 --tasks passkey,niah_single --samples 10 \
+      --out "$OUT/quality-qwen-quest${TAG:+-$TAG}.json" 2>&1 | grep -v "it/s\]" | tail -40
     ;;
   *) echo "unknown stage $stage"; exit 2 ;;
 esac

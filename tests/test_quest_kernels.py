@@ -13,6 +13,9 @@ from attnkit.kernels.page_scores import reference as score_ref
 from attnkit.kernels.paged_decode import reference as attn_ref
 
 triton = pytest.importorskip("triton")
+CUDA = torch.cuda.is_available()
+DEVICE = "cuda" if CUDA else "cpu"  # on a GPU machine the same tests run the compiled kernels
+gpu = pytest.mark.skipif(not CUDA, reason="needs a CUDA GPU")
 score_tri = pytest.importorskip("attnkit.kernels.page_scores.triton")
 attn_tri = pytest.importorskip("attnkit.kernels.paged_decode.triton")
 
@@ -50,6 +53,7 @@ def test_page_scores_triton_matches_reference(case, dtype, share, nan_empty):
     hi = lo + torch.rand(b, hkv, pages, d, generator=g)
     lo, hi = lo.to(dtype), hi.to(dtype)
     valid = torch.randint(1, pages + 1, (b,), generator=g)
+    q, lo, hi, valid = (t.to(DEVICE) for t in (q, lo, hi, valid))
     want = score_ref.page_scores(q, lo, hi, valid, share)
     got = score_tri.page_scores(q, lo, hi, valid, share)
     assert got.shape == want.shape == (b, hkv if share else hq, pages)
@@ -108,6 +112,7 @@ def test_sparse_decode_triton_matches_reference(case, dtype, share, splits, nan_
             pages[r, h, :n] = torch.randperm(int(last[r]), generator=g)[:n]
     if k:
         pages[0, 0, -1] = int(last[0])  # a repeat of the last page is ignored
+    q, key, value, pages, pad = (t.to(DEVICE) for t in (q, key, value, pages, pad))
     want = attn_ref.sparse_decode_attention(q, key, value, pages, page, pad, scale=0.3)
     got = attn_tri.sparse_decode_attention(q, key, value, pages, page, pad, scale=0.3, num_splits=splits)
     assert not got.isnan().any()
@@ -126,3 +131,32 @@ def test_sparse_decode_reference_is_softmax_over_chosen_tokens():
     idx = torch.tensor([7, 8, 9, 10, 15, 16])
     probs = torch.softmax(q[0, 0] @ key[0, 0, idx].T * 8**-0.5, -1)
     torch.testing.assert_close(out[0, 0], probs @ value[0, 0, idx])
+
+
+@gpu
+@pytest.mark.gpu
+@pytest.mark.parametrize("share", [False, True], ids=["per-head", "shared"])
+@pytest.mark.parametrize("batch,length", [(1, 32769), (4, 8191)], ids=["B1-S32769", "B4-S8191"])
+def test_gpu_llama3_shape(batch, length, share, nan_empty):
+    """bf16 at the Llama-3-8B shape (32 q / 8 kv heads, d 128), page 16, budget 2048, left padding."""
+    g = torch.Generator(device="cuda").manual_seed(length)
+    hq, hkv, d, page, k = 32, 8, 128, 16, 127
+    q = torch.randn(batch, hq, d, generator=g, device="cuda", dtype=torch.bfloat16)
+    key = torch.randn(batch, length, hkv, d, generator=g, device="cuda", dtype=torch.bfloat16).transpose(1, 2)
+    value = torch.randn(batch, length, hkv, d, generator=g, device="cuda", dtype=torch.bfloat16).transpose(1, 2)
+    pad = torch.arange(batch, device="cuda", dtype=torch.int32) * 37
+    pages_n = -(-(length - int(pad.max())) // page)
+    lo = torch.randn(batch, hkv, pages_n, d, generator=g, device="cuda").to(torch.bfloat16)
+    hi = (lo.float() + torch.rand(batch, hkv, pages_n, d, generator=g, device="cuda")).to(torch.bfloat16)
+    valid = (length - pad + page - 1) // page - 1
+    want = score_ref.page_scores(q, lo, hi, valid, share)
+    got = score_tri.page_scores(q, lo, hi, valid, share)
+    finite = torch.isfinite(want)
+    assert torch.equal(finite, torch.isfinite(got))
+    torch.testing.assert_close(got[finite], want[finite], rtol=1e-4, atol=1e-3)
+    chosen = want.topk(k, dim=-1).indices
+    ref = attn_ref.sparse_decode_attention(q, key, value, chosen, page, pad)
+    out = attn_tri.sparse_decode_attention(q, key, value, chosen, page, pad)
+    # bf16 output: within 2x the reference's own bf16 rounding
+    err = (out.float() - ref.float()).norm() / ref.float().norm()
+    assert err < 8e-3, err
