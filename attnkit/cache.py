@@ -119,6 +119,7 @@ class PageBoundsLayer(DynamicLayer):
         self.page_min: torch.Tensor | None = None  # [B, Hkv, page capacity, D]
         self.page_max: torch.Tensor | None = None
         self.pad: torch.Tensor | None = None  # [B] int32, leading padding slots per row
+        self.last_page: torch.Tensor | None = None  # [B] int32, index of each row's last (current) page
         self.min_pad = 0  # min over rows of pad, on the host (how many pages the longest row has)
         self._pad_host: list[int] = []
 
@@ -225,16 +226,14 @@ class PageBoundsLayer(DynamicLayer):
             chunk = chunk.view(chunk.shape[0], pages, p, chunk.shape[-1])
             self.page_min[row, :, first_page : first_page + pages] = chunk.amin(2)
             self.page_max[row, :, first_page : first_page + pages] = chunk.amax(2)
+        self.last_page = ((self.length - 1 - self.pad) // p).to(torch.int32)
 
     def _fold_one_token(self) -> None:
-        """One decode token per row: update its page's bounds in place, or start them if it opens the page."""
-        rows = torch.arange(self._keys.shape[0], device=self.device)
-        real = self.length - 1 - self.pad.long()
-        page = real // self.page_size
-        opens = (real % self.page_size == 0)[:, None, None]
-        key = self._keys[:, :, self.length - 1]  # [B, H, D]
-        self.page_min[rows, :, page] = torch.where(opens, key, torch.minimum(self.page_min[rows, :, page], key))
-        self.page_max[rows, :, page] = torch.where(opens, key, torch.maximum(self.page_max[rows, :, page], key))
+        """One decode token per row: update its page's bounds in place, or start them if it opens the page (one
+        Triton launch on a GPU: :func:`attnkit.kernels.page_bounds.fold_last_token`)."""
+        from attnkit.kernels.page_bounds import fold_last_token
+
+        fold_last_token(self._keys, self.page_min, self.page_max, self.last_page, self.length, self.pad, self.page_size)
 
     # ------------------------------------------------------------------------ transformers' cache plumbing
     def reset(self) -> None:
@@ -251,7 +250,7 @@ class PageBoundsLayer(DynamicLayer):
         self._publish()
 
     def _map_rows(self, fn) -> None:
-        for name in ("_keys", "_values", "page_min", "page_max", "pad"):
+        for name in ("_keys", "_values", "page_min", "page_max", "pad", "last_page"):
             tensor = getattr(self, name)
             if tensor is not None:
                 setattr(self, name, fn(tensor))

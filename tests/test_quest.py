@@ -38,9 +38,14 @@ def quest_layers(model) -> list[QuestDecode]:
 
 
 # ----------------------------------------------------------------------------------------------- the cache
+@pytest.mark.parametrize("backend", ["reference", "triton"])
 @pytest.mark.parametrize("pads", [[0], [0, 5], [7, 0, 3]], ids=["B1", "B2-pad5", "B3-pad7-3"])
-def test_page_bounds_equal_brute_force_after_prefill_and_decode(pads):
-    """Any mix of prefill chunks and decode steps: the bounds equal their definition after every update."""
+def test_page_bounds_equal_brute_force_after_prefill_and_decode(pads, backend, monkeypatch):
+    """Any mix of prefill chunks and decode steps: the bounds equal their definition after every update (decode
+    steps fold their token with the PyTorch reference or the Triton kernel)."""
+    if backend == "triton":
+        pytest.importorskip("triton")
+    monkeypatch.setenv("ATTNKIT_KERNELS", backend)
     g = torch.Generator().manual_seed(len(pads))
     b, h, d, page = len(pads), 2, 8, 4
     layer = PageBoundsLayer(page)
@@ -59,6 +64,7 @@ def test_page_bounds_equal_brute_force_after_prefill_and_decode(pads):
             n = -(-(keys.shape[2] - pads[r]) // page)
             assert torch.equal(layer.page_min[r, :, :n], lo[r, :, :n]), (i, r)
             assert torch.equal(layer.page_max[r, :, :n], hi[r, :, :n]), (i, r)
+            assert int(layer.last_page[r]) == n - 1
     assert layer.get_seq_length() == sum(steps)
 
 
@@ -256,3 +262,11 @@ def test_builtin_recipes_load():
     step = recipe.steps[0]
     assert step.method_name == "quest" and step.dense_layers == [0, 1]
     assert all(task for task in recipe.eval.tasks)
+
+
+def test_two_decode_methods_on_a_layer_are_rejected(tiny):
+    model, _ = tiny
+    recipe = {"attnkit": 1, "name": "sq", "steps": [{"method": "streaming_llm", "sink": 4, "window": 16},
+                                                     quest()["steps"][0]]}
+    with pytest.raises(RecipeError, match="gets two decode methods"):
+        attnkit.apply(model, recipe)

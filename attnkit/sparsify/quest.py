@@ -137,9 +137,9 @@ class QuestDecode(DecodeLayer):
         p = method.page_size
         pages = cache.num_pages()
         query = query[:, :, 0]
-        valid = (key.shape[-2] - cache.pad + p - 1) // p - 1  # complete pages before each row's last page
+        # Pages before each row's last page compete; the last page (index last_page) is always attended.
         scores = page_scores(
-            query, cache.page_min[:, :, :pages], cache.page_max[:, :, :pages], valid, method.share_gqa_group
+            query, cache.page_min[:, :, :pages], cache.page_max[:, :, :pages], cache.last_page, method.share_gqa_group
         )
         chosen = scores.topk(method.page_budget - 1, dim=-1, sorted=False).indices
         self.last_pages = chosen
