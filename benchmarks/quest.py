@@ -17,7 +17,8 @@ Before timing, each point is checked against the PyTorch references: the Triton 
 error), the selected pages (the share of the reference's top pages that the kernel's scores select too), the
 attention over the reference's pages, and the whole step's output. A point that fails reports no speedup.
 Timings are medians of CUDA-event measurements with the L2 cache flushed between repetitions
-(``triton.testing.do_bench``). ``bytes bound``: dense KV bytes / (page-bound bytes + the budget's KV bytes), the
+(``triton.testing.do_bench``), eager (Python launches included, as ``model.generate`` runs) and replayed from a CUDA
+graph (GPU time only, as serving engines run decode; every entry gets the same treatment). ``bytes bound``: dense KV bytes / (page-bound bytes + the budget's KV bytes), the
 speedup a purely memory-bound Quest step could reach.
 
 Part 2 (``--model-layers``, default 32: the whole 8B shape), time per output token of a random-weight Llama-3-8B
@@ -109,7 +110,10 @@ def _bench_baselines(batch: int, length: int, page: int, budget: int, dtype: tor
     scale = D**-0.5
     _, _, q, key, value = _setup(batch, length, page, budget, False, dtype)
     dense_k, dense_v = key.contiguous(), value.contiguous()
-    out = {"dense_us": 1e3 * bench_ms(lambda: F.scaled_dot_product_attention(q, dense_k, dense_v, scale=scale, enable_gqa=True))}
+    def dense():
+        return F.scaled_dot_product_attention(q, dense_k, dense_v, scale=scale, enable_gqa=True)
+
+    out = {"dense_us": 1e3 * bench_ms(dense), "dense_graph_us": graph_us(dense)}
     idx = torch.randint(0, length, (batch, HKV, budget, 1), device=DEVICE).expand(-1, -1, -1, D)
 
     def naive():
@@ -117,6 +121,7 @@ def _bench_baselines(batch: int, length: int, page: int, budget: int, dtype: tor
         return F.scaled_dot_product_attention(q, ks, vs, scale=scale, enable_gqa=True)
 
     out["naive_us"] = 1e3 * bench_ms(naive)
+    out["naive_graph_us"] = graph_us(naive)
     return out
 
 
@@ -137,6 +142,7 @@ def _bench_quest(batch: int, length: int, page: int, budget: int, share: bool, d
     scores = page_scores(query, *bounds, valid, share)
     chosen = scores.topk(budget // page - 1, dim=-1, sorted=False).indices
     entry["total_us"] = 1e3 * bench_ms(lambda: decode.attend(q, key, value, None, scale))
+    entry["total_graph_us"] = graph_us(lambda: decode.attend(q, key, value, None, scale))
     entry["scores_us"] = 1e3 * bench_ms(lambda: page_scores(query, *bounds, valid, share))
     entry["topk_us"] = 1e3 * bench_ms(lambda: scores.topk(budget // page - 1, dim=-1, sorted=False))
     entry["attention_us"] = 1e3 * bench_ms(lambda: sparse_decode_attention(query, key, value, chosen, page, cache.pad, scale))
@@ -147,7 +153,26 @@ def _bench_quest(batch: int, length: int, page: int, budget: int, share: bool, d
     entry["bytes_bound"] = kv_bytes / quest_bytes
     entry["speedup_vs_dense"] = point["dense_us"] / entry["total_us"]
     entry["speedup_vs_naive"] = point["naive_us"] / entry["total_us"]
+    entry["graph_speedup_vs_dense"] = point["dense_graph_us"] / entry["total_graph_us"]
+    entry["graph_speedup_vs_naive"] = point["naive_graph_us"] / entry["total_graph_us"]
     return entry
+
+
+def graph_us(fn) -> float:
+    """Median µs of ``fn`` replayed as a CUDA graph: the GPU time without Python launch overhead (how serving
+    engines run decode steps). ``fn`` must not synchronize with the host."""
+    if DEVICE != "cuda":
+        return bench_ms(fn) * 1e3
+    stream = torch.cuda.Stream()
+    stream.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(stream):
+        for _ in range(3):
+            fn()
+    torch.cuda.current_stream().wait_stream(stream)
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        fn()
+    return 1e3 * bench_ms(graph.replay)
 
 
 def _refold_last(cache) -> None:
@@ -158,14 +183,16 @@ def _refold_last(cache) -> None:
 
 # ------------------------------------------------------------------------------------------- model TPOT
 @torch.no_grad()
-def model_tpot(layers: int, length: int, budget: int, page: int, new_tokens: int, warmup: int) -> dict:
+def model_tpot(
+    layers: int, length: int, budget: int, page: int, new_tokens: int, warmup: int, shape: str = "llama3-8b"
+) -> dict:
     from transformers import DynamicCache
 
     import attnkit
     from attnkit.models import random_model
 
-    model, _ = random_model("llama3-8b", layers, dtype=torch.bfloat16, device="cuda")
-    ids = torch.randint(3, model.config.vocab_size, (1, length), device="cuda")
+    model, _ = random_model(shape, layers, dtype=torch.bfloat16 if DEVICE == "cuda" else torch.float32, device=DEVICE)
+    ids = torch.randint(3, model.config.vocab_size, (1, length), device=DEVICE)
     big = -(-(length + warmup + new_tokens + 1) // page) * page
     variants = {
         "dense": None,
@@ -181,18 +208,25 @@ def model_tpot(layers: int, length: int, budget: int, page: int, new_tokens: int
         token = logits[:, -1:].argmax(-1)
         times = []
         for i in range(warmup + new_tokens):
-            start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-            start.record()
+            if DEVICE == "cuda":
+                start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+                start.record()
+            t0 = time.perf_counter()
             token = model(input_ids=token, past_key_values=cache, use_cache=True).logits[:, -1:].argmax(-1)
-            end.record()
-            end.synchronize()
+            if DEVICE == "cuda":
+                end.record()
+                end.synchronize()
+                elapsed = start.elapsed_time(end)
+            else:
+                elapsed = (time.perf_counter() - t0) * 1e3
             if i >= warmup:
-                times.append(start.elapsed_time(end))
+                times.append(elapsed)
         out[f"{name}_ms_per_token"] = statistics.median(times)
         if step is not None:
             attnkit.unpatch(model)
         del cache, logits
-        torch.cuda.empty_cache()
+        if DEVICE == "cuda":
+            torch.cuda.empty_cache()
         print(f"  {name}: {out[f'{name}_ms_per_token']:.2f} ms/token", flush=True)
     out["speedup_quest_vs_dense"] = out["dense_ms_per_token"] / out["quest_ms_per_token"]
     out["speedup_quest_vs_dense_buffered"] = out["dense-buffered_ms_per_token"] / out["quest_ms_per_token"]
@@ -206,8 +240,9 @@ def markdown(result: dict) -> str:
         f"{result['page_size']}, budget {result['token_budget']}; µs, CUDA-event medians",
         "",
         "| batch | context | dense | naive gather | quest (per head) | × dense | × naive | quest (shared) | × dense | "
-        "× naive | bytes bound (head/shared) | scores / topk / attention µs (shared) | check |",
-        "|---|---|---|---|---|---|---|---|---|---|---|---|---|",
+        "× naive | CUDA graph: dense / naive / quest / shared (× dense) | bytes bound (head/shared) | "
+        "scores / topk / attention µs (shared) | check |",
+        "|---|---|---|---|---|---|---|---|---|---|---|---|---|---|",
     ]
     for p in result["points"]:
         a, s = p["quest"], p["quest-shared"]
@@ -221,6 +256,9 @@ def markdown(result: dict) -> str:
             f"| {p['batch']} | {p['length'] // 1024}K | {p['dense_us']:.1f} | {p['naive_us']:.1f} | "
             f"{f(a, 'total_us')} | {f(a, 'speedup_vs_dense', '{:.2f}')} | {f(a, 'speedup_vs_naive', '{:.2f}')} | "
             f"{f(s, 'total_us')} | {f(s, 'speedup_vs_dense', '{:.2f}')} | {f(s, 'speedup_vs_naive', '{:.2f}')} | "
+            f"{p['dense_graph_us']:.1f} / {p['naive_graph_us']:.1f} / {f(a, 'total_graph_us')} / "
+            f"{f(s, 'total_graph_us')} (×{f(a, 'graph_speedup_vs_dense', '{:.2f}')}, "
+            f"×{f(s, 'graph_speedup_vs_dense', '{:.2f}')}) | "
             f"{f(a, 'bytes_bound', '{:.1f}')} / {f(s, 'bytes_bound', '{:.1f}')} | {parts} | {check} |"
         )
     m = result.get("model")
