@@ -109,7 +109,8 @@ def page_scores(
     out = torch.empty(b, hkv if share_gqa_group else hq, pages, dtype=torch.float32, device=query.device)
     if pages == 0:
         return out
-    block_p = 64 if d <= 128 else 32
+    # 32 pages x 8 warps: no register spills at d 128 on sm_90 (64 pages x 4 warps spills; benchmarks/quest.py).
+    block_p = 32 if d <= 128 else 16
     grid = (b * hkv, triton.cdiv(pages, block_p))
     _page_scores_kernel[grid](
         query, page_min, page_max, valid_pages.to(device=query.device, dtype=torch.int32), out,
@@ -119,6 +120,6 @@ def page_scores(
         hkv, pages,
         GROUP=group, BLOCK_G=max(16, triton.next_power_of_2(group)), BLOCK_P=block_p, D=d,
         SHARE=share_gqa_group, IEEE=INTERPRET or query.dtype == torch.float32,
-        num_warps=4,
+        num_warps=8,
     )
     return out
