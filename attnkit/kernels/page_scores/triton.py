@@ -55,8 +55,8 @@ def _page_scores_kernel(
         hi = hi.to(tl.float32)
         lo = lo.to(tl.float32)
     zero = tl.zeros_like(q)
-    q_pos = tl.maximum(q, zero)
-    q_neg = tl.minimum(q, zero)
+    q_pos = tl.where(q > 0, q, zero)  # where, not maximum: keeps bf16 (Triton 3.6's maximum promotes it to fp32)
+    q_neg = tl.where(q > 0, zero, q)
     if IEEE:
         s = tl.dot(q_pos, tl.trans(hi), input_precision="ieee")
         s = tl.dot(q_neg, tl.trans(lo), s, input_precision="ieee")
