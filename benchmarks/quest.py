@@ -3,6 +3,7 @@
     python -m benchmarks.quest                                   # Llama-3-8B shape, 32K/64K/128K, batch 1 and 8
     python -m benchmarks.quest --lengths 32k --batches 1 --no-model
     python -m benchmarks.quest --model-layers 32 --model-length 128k   # + time per output token, random 8B model
+    python -m benchmarks.quest --kernel-report                    # compile for sm_90 here: registers, spills
 
 Part 1, one attention layer (32 query / 8 KV heads, head_dim 128, bf16; page 16, budget 2048 tokens), per context
 length and batch, in one process:
@@ -233,6 +234,47 @@ def model_tpot(
     return out
 
 
+# ----------------------------------------------------------------------------------------- kernel report
+def kernel_report(arch: int = 90) -> list[dict]:
+    """Compile Quest's kernels for ``sm_<arch>`` at the bench shape (bf16, d 128, group 4, page 16) on any machine,
+    with the launch settings the wrappers use, and report registers / spills / shared memory per kernel."""
+    import triton
+    from triton.backends.compiler import GPUTarget
+    from triton.compiler import ASTSource
+
+    from attnkit.kernels.page_bounds import triton as bounds_tri
+    from attnkit.kernels.page_scores import triton as score_tri
+    from attnkit.kernels.paged_decode import triton as attn_tri
+    from benchmarks.kernel_report import report
+
+    def compile_one(fn, pointers, constexprs, warps, floats=()):
+        names = fn.arg_names
+        sig = {n: "constexpr" if n in constexprs else pointers.get(n, "fp32" if n in floats else "i32") for n in names}
+        src = ASTSource(fn=fn, signature=sig, constexprs={(names.index(k),): v for k, v in constexprs.items()})
+        return triton.compile(src, target=GPUTarget("cuda", arch, 32), options={"num_warps": warps, "num_stages": 3})
+
+    bf = "*bf16"
+    rows = []
+    for share in (False, True):
+        rows.append(("page_scores" + (" shared" if share else ""), compile_one(
+            score_tri._page_scores_kernel,
+            {"q_ptr": bf, "min_ptr": bf, "max_ptr": bf, "valid_ptr": "*i32", "out_ptr": "*fp32"},
+            {"GROUP": 4, "BLOCK_G": 16, "BLOCK_P": 32, "D": 128, "SHARE": share, "IEEE": False}, 8)))
+        rows.append(("paged_decode split" + (" shared" if share else ""), compile_one(
+            attn_tri._split_kernel,
+            {"q_ptr": bf, "k_ptr": bf, "v_ptr": bf, "pages_ptr": "*i64", "pad_ptr": "*i32", "acc_ptr": "*fp32",
+             "m_ptr": "*fp32", "l_ptr": "*fp32"},
+            {"GROUP": 4, "SHARE": share, "BLOCK_G": 16, "PAGE": 16, "TILE": 64, "D": 128, "IEEE": False}, 8,
+            floats=("qk_scale",))))
+    rows.append(("paged_decode combine", compile_one(
+        attn_tri._combine_kernel, {"acc_ptr": "*fp32", "m_ptr": "*fp32", "l_ptr": "*fp32", "out_ptr": bf},
+        {"BLOCK_S": 16, "D": 128}, 4)))
+    rows.append(("page_bounds fold", compile_one(
+        bounds_tri._fold_kernel, {"k_ptr": bf, "min_ptr": bf, "max_ptr": bf, "last_ptr": "*i32", "pad_ptr": "*i32"},
+        {"PAGE": 16, "D": 128, "BLOCK_D": 128}, 1)))
+    return [{"kernel": name, **report(kernel)} for name, kernel in rows]
+
+
 # --------------------------------------------------------------------------------------------- reporting
 def markdown(result: dict) -> str:
     lines = [
@@ -284,7 +326,16 @@ def main(argv: list[str] | None = None) -> dict:
     ap.add_argument("--new-tokens", type=int, default=32)
     ap.add_argument("--no-model", action="store_true", help="skip part 2 (time per output token)")
     ap.add_argument("--out", default="runs/bench")
+    ap.add_argument("--kernel-report", action="store_true", help="only compile the kernels for sm_90 and print their "
+                    "registers/spills (any machine, no GPU needed)")
     args = ap.parse_args(argv)
+    if args.kernel_report:
+        import triton
+
+        print(f"triton {triton.__version__}, sm_90")
+        for row in kernel_report():
+            print(json.dumps(row))
+        return {}
     if not torch.cuda.is_available():
         raise SystemExit("benchmarks.quest times CUDA kernels; run it on a GPU (the tests check the kernels on CPU)")
     result: dict = {"env": environment(), "page_size": args.page_size, "token_budget": args.token_budget, "points": []}
