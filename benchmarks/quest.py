@@ -12,7 +12,8 @@ length and batch, in one process:
   what attnkit's dense decode runs;
 - ``naive``: a torch gather of ``budget`` random tokens per (row, KV head) + SDPA over them;
 - ``quest`` / ``quest-shared``: the whole Quest decode step as the model runs it (:meth:`QuestDecode.attend`: page
-  scores + ``torch.topk`` + split-K sparse attention), per query head / per GQA group; with the parts timed alone.
+  scores + top-page selection + split-K sparse attention), per query head / per GQA group; with the parts timed
+  alone (and ``torch.topk`` beside the Triton selection).
 
 Before timing, each point is checked against the PyTorch references: the Triton scores (finite entries, relative
 error), the selected pages (the share of the reference's top pages that the kernel's scores select too), the
@@ -86,7 +87,7 @@ def check_point(decode, cache, q, key, value, scale: float) -> dict:
     score_err = rel_err(got[finite], want[finite])
     k = method.page_budget - 1
     ref_pages = want.topk(k, dim=-1).indices
-    tri_pages = got.topk(k, dim=-1).indices
+    tri_pages = score_tri.top_pages(got, k).long()
     hits = (tri_pages.sort(-1).values[..., :, None] == ref_pages[..., None, :]).any(-1).float().mean().item()
     ref_out = attn_ref.sparse_decode_attention(query, key, value, ref_pages, method.page_size, cache.pad, scale)
     attn_err = rel_err(attn_tri.sparse_decode_attention(query, key, value, ref_pages, method.page_size, cache.pad, scale),
@@ -127,7 +128,7 @@ def _bench_baselines(batch: int, length: int, page: int, budget: int, dtype: tor
 
 
 def _bench_quest(batch: int, length: int, page: int, budget: int, share: bool, dtype: torch.dtype, point: dict) -> dict:
-    from attnkit.kernels.page_scores import page_scores
+    from attnkit.kernels.page_scores import page_scores, top_pages
     from attnkit.kernels.paged_decode import sparse_decode_attention
 
     scale = D**-0.5
@@ -141,11 +142,12 @@ def _bench_quest(batch: int, length: int, page: int, budget: int, share: bool, d
     valid = (key.shape[-2] - cache.pad + page - 1) // page - 1
     bounds = (cache.page_min[:, :, :pages], cache.page_max[:, :, :pages])
     scores = page_scores(query, *bounds, valid, share)
-    chosen = scores.topk(budget // page - 1, dim=-1, sorted=False).indices
+    chosen = top_pages(scores, budget // page - 1)
     entry["total_us"] = 1e3 * bench_ms(lambda: decode.attend(q, key, value, None, scale))
     entry["total_graph_us"] = graph_us(lambda: decode.attend(q, key, value, None, scale))
     entry["scores_us"] = 1e3 * bench_ms(lambda: page_scores(query, *bounds, valid, share))
     entry["topk_us"] = 1e3 * bench_ms(lambda: scores.topk(budget // page - 1, dim=-1, sorted=False))
+    entry["top_pages_us"] = 1e3 * bench_ms(lambda: top_pages(scores, budget // page - 1))
     entry["attention_us"] = 1e3 * bench_ms(lambda: sparse_decode_attention(query, key, value, chosen, page, cache.pad, scale))
     entry["bounds_update_us"] = 1e3 * bench_ms(lambda: _refold_last(cache))
     kv_bytes = 2 * batch * HKV * length * D * key.element_size()
@@ -269,6 +271,8 @@ def kernel_report(arch: int = 90) -> list[dict]:
     rows.append(("paged_decode combine", compile_one(
         attn_tri._combine_kernel, {"acc_ptr": "*fp32", "m_ptr": "*fp32", "l_ptr": "*fp32", "out_ptr": bf},
         {"BLOCK_S": 16, "D": 128}, 4)))
+    rows.append(("top_pages (8192 pages)", compile_one(
+        score_tri._top_pages_kernel, {"scores_ptr": "*fp32", "out_ptr": "*i32"}, {"BLOCK": 8192}, 16)))
     rows.append(("page_bounds fold", compile_one(
         bounds_tri._fold_kernel, {"k_ptr": bf, "min_ptr": bf, "max_ptr": bf, "last_ptr": "*i32", "pad_ptr": "*i32"},
         {"PAGE": 16, "D": 128, "BLOCK_D": 128}, 1)))
@@ -283,7 +287,7 @@ def markdown(result: dict) -> str:
         "",
         "| batch | context | dense | naive gather | quest (per head) | × dense | × naive | quest (shared) | × dense | "
         "× naive | CUDA graph: dense / naive / quest / shared (× dense) | bytes bound (head/shared) | "
-        "scores / topk / attention µs (shared) | check |",
+        "scores / top_pages (torch.topk) / attention µs (shared) | check |",
         "|---|---|---|---|---|---|---|---|---|---|---|---|---|---|",
     ]
     for p in result["points"]:
@@ -293,7 +297,7 @@ def markdown(result: dict) -> str:
             return fmt.format(entry[key]) if key in entry else "–"
 
         check = "ok" if a["check"]["ok"] and s["check"]["ok"] else "FAILED"
-        parts = f"{f(s, 'scores_us')} / {f(s, 'topk_us')} / {f(s, 'attention_us')}"
+        parts = f"{f(s, 'scores_us')} / {f(s, 'top_pages_us')} ({f(s, 'topk_us')}) / {f(s, 'attention_us')}"
         lines.append(
             f"| {p['batch']} | {p['length'] // 1024}K | {p['dense_us']:.1f} | {p['naive_us']:.1f} | "
             f"{f(a, 'total_us')} | {f(a, 'speedup_vs_dense', '{:.2f}')} | {f(a, 'speedup_vs_naive', '{:.2f}')} | "

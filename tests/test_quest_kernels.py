@@ -155,8 +155,32 @@ def test_gpu_llama3_shape(batch, length, share, nan_empty):
     assert torch.equal(finite, torch.isfinite(got))
     torch.testing.assert_close(got[finite], want[finite], rtol=1e-4, atol=1e-3)
     chosen = want.topk(k, dim=-1).indices
+    assert torch.equal(score_tri.top_pages(want, k).long().sort(-1).values, chosen.sort(-1).values)
     ref = attn_ref.sparse_decode_attention(q, key, value, chosen, page, pad)
     out = attn_tri.sparse_decode_attention(q, key, value, chosen, page, pad)
     # bf16 output: within 2x the reference's own bf16 rounding
     err = (out.float() - ref.float()).norm() / ref.float().norm()
     assert err < 8e-3, err
+
+
+@pytest.mark.parametrize(("rows", "pages", "k"), [(3, 37, 5), (2, 129, 1), (4, 1000, 127), (1, 70, 69), (2, 16, 0)],
+                         ids=lambda v: str(v))
+def test_top_pages_triton_matches_reference(rows, pages, k, nan_empty):
+    g = torch.Generator().manual_seed(pages + k)
+    scores = torch.randn(rows, pages, generator=g)
+    scores[0, -3:] = float("-inf")  # pages that do not exist in a row
+    scores[-1, :4] = -scores[-1, :4].abs()  # negative scores order correctly too
+    scores = scores.to(DEVICE)
+    got = score_tri.top_pages(scores, k)
+    want = score_ref.top_pages(scores, k)
+    assert got.shape == want.shape == (rows, k)
+    assert torch.equal(got.long().sort(-1).values, want.sort(-1).values)
+
+
+def test_top_pages_with_ties_takes_exactly_k():
+    scores = torch.tensor([[1.0, 2.0, 2.0, 2.0, 0.0, -1.0, 2.0], [float("-inf")] * 6 + [0.5]], device=DEVICE)
+    got = score_tri.top_pages(scores, 5)
+    assert got.shape == (2, 5)
+    assert got[0].tolist() == [0, 1, 2, 3, 6]  # the four 2.0s and the 1.0
+    assert sorted(got[1].tolist())[-1] == 6 and len(set(got[1].tolist())) == 5  # distinct, the only finite one in
+    assert score_tri.top_pages(scores[:, :3], 3).shape == (2, 3)

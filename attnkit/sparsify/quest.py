@@ -6,8 +6,9 @@ minimum ``m`` and maximum ``M``, updated as tokens arrive. At each decode step, 
 1. **score** every page with the upper bound of its attention logit, ``Σ_i max(q_i·M_i, q_i·m_i)``, per query head
    or, with ``share_gqa_group``, once per KV head (the max over the group's query heads: every head of the group
    then reads the same pages, so each page is read once per group);
-2. **select** the ``token_budget / page_size - 1`` best pages among the complete ones (``torch.topk``) plus the
-   current, last page, which is always attended (as in Quest's kernels);
+2. **select** the ``token_budget / page_size - 1`` best pages among the complete ones (``top_pages``: a one-launch
+   Triton selection on a GPU, ``torch.topk`` elsewhere) plus the current, last page, which is always attended (as
+   in Quest's kernels);
 3. **attend** to the selected pages only (:func:`attnkit.kernels.paged_decode.sparse_decode_attention`, split-K).
 
 Scoring reads ``2/page_size`` of the keys' bytes, attention reads ``token_budget`` tokens: at 128K tokens, page 16
@@ -31,7 +32,7 @@ from pydantic import Field, field_validator, model_validator
 from torch import nn
 
 from attnkit.cache import PageBoundsLayer
-from attnkit.kernels.page_scores import page_scores
+from attnkit.kernels.page_scores import page_scores, top_pages
 from attnkit.kernels.paged_decode import sparse_decode_attention
 from attnkit.method import DecodeLayer, Method
 from attnkit.registry import register
@@ -141,7 +142,7 @@ class QuestDecode(DecodeLayer):
         scores = page_scores(
             query, cache.page_min[:, :, :pages], cache.page_max[:, :, :pages], cache.last_page, method.share_gqa_group
         )
-        chosen = scores.topk(method.page_budget - 1, dim=-1, sorted=False).indices
+        chosen = top_pages(scores, method.page_budget - 1)
         self.last_pages = chosen
         out = sparse_decode_attention(query, key, value, chosen, p, cache.pad, scale)
         return out[:, :, None]

@@ -55,4 +55,20 @@ def page_scores(
     return reference.page_scores(*args)
 
 
-__all__ = ["page_scores"]
+def top_pages(scores: torch.Tensor, k: int) -> torch.Tensor:
+    """Dispatching entry point; see :func:`attnkit.kernels.page_scores.reference.top_pages` (Triton on CUDA: one
+    selection kernel instead of ``torch.topk``)."""
+    name = backend_name()
+    if name == "reference":
+        return reference.top_pages(scores, k)
+    tri = _triton()
+    if name == "triton":
+        if tri is None:
+            raise RuntimeError("ATTNKIT_KERNELS=triton but Triton is not installed (pip install triton)")
+        return tri.top_pages(scores, k)
+    if scores.is_cuda and tri is not None:
+        return tri.top_pages(scores, k)
+    return reference.top_pages(scores, k)
+
+
+__all__ = ["page_scores", "top_pages"]

@@ -66,3 +66,13 @@ def page_scores(
     if share_gqa_group:
         return out.amax(2)
     return out.reshape(b, hq, pages)
+
+
+def top_pages(scores: torch.Tensor, k: int) -> torch.Tensor:
+    """Indices of the ``k`` highest scores of each row: ``scores [..., P]`` → ``[..., k]`` (any order, int64).
+
+    Ties at the k-th value may resolve to any of the tied pages (a backend may pick others than this reference).
+    """
+    if not 0 <= k <= scores.shape[-1]:
+        raise ValueError(f"k must be in [0, {scores.shape[-1]}], got {k}")
+    return scores.topk(k, dim=-1, sorted=False).indices

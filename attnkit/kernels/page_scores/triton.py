@@ -10,6 +10,11 @@ the op's cost is reading ``2 × pages × D`` bound elements per KV head, ``2 / p
 
 Limits (:func:`supports`): head_dim a power of two from 16 to 256, fp16/bf16/fp32, at most 64 query heads per
 KV head.
+
+:func:`top_pages` selects the ``k`` best pages of each row in one program per row, without sorting: it finds the
+k-th largest score by a bitwise binary search over the scores' order-preserving 32-bit keys (32 counting passes
+over the row, held in registers), then writes the indices of the scores above it, and of as many as needed equal
+to it, in index order (two prefix sums). One launch, no sort, rows of up to 16384 pages (256K tokens at page 16).
 """
 
 from __future__ import annotations
@@ -21,6 +26,8 @@ import triton
 import triton.language as tl
 
 from attnkit.kernels.page_scores.reference import check_inputs
+
+TOP_PAGES_MAX = 16384  # longest row top_pages keeps in registers; longer rows go to torch.topk
 
 INTERPRET = os.environ.get("TRITON_INTERPRET", "0") == "1"
 
@@ -123,3 +130,48 @@ def page_scores(
         num_warps=8,
     )
     return out
+
+
+@triton.jit
+def _top_pages_kernel(scores_ptr, out_ptr, stride_s, stride_o, n, k, BLOCK: tl.constexpr):
+    row = tl.program_id(0).to(tl.int64)
+    offs = tl.arange(0, BLOCK)
+    ok = offs < n
+    x = tl.load(scores_ptr + row * stride_s + offs, mask=ok, other=float("-inf"))
+    bits = x.to(tl.uint32, bitcast=True)
+    sign = tl.full([BLOCK], 0x80000000, tl.uint32)
+    # Order-preserving keys: negative floats reversed, positive ones above them; slots past the row get 0 (below
+    # every float, -inf included).
+    key = tl.where((bits & sign) != 0, ~bits, bits | sign)
+    key = tl.where(ok, key, tl.zeros([BLOCK], tl.uint32))
+    threshold = tl.zeros([BLOCK], tl.uint32)  # broadcast copies of one value: the k-th largest key, bit by bit
+    for bit in tl.static_range(31, -1, -1):
+        candidate = threshold | tl.full([BLOCK], 1 << bit, tl.uint32)
+        count = tl.sum((key >= candidate).to(tl.int32), axis=0)
+        threshold = tl.where(count >= k, candidate, threshold)
+    above = key > threshold
+    equal = key == threshold
+    needed = k - tl.sum(above.to(tl.int32), axis=0)
+    take = above | (equal & (tl.cumsum(equal.to(tl.int32), axis=0) <= needed))
+    position = tl.cumsum(take.to(tl.int32), axis=0) - 1
+    tl.store(out_ptr + row * stride_o + position, offs, mask=take & ok)
+
+
+def top_pages(scores: torch.Tensor, k: int) -> torch.Tensor:
+    """See :func:`attnkit.kernels.page_scores.reference.top_pages`; returns int32 indices in increasing order."""
+    pages = scores.shape[-1]
+    if not 0 <= k <= pages:
+        raise ValueError(f"k must be in [0, {pages}], got {k}")
+    if pages > TOP_PAGES_MAX or scores.dtype != torch.float32:
+        return scores.topk(k, dim=-1, sorted=False).indices
+    flat = scores.reshape(-1, pages)
+    if flat.stride(-1) != 1:
+        flat = flat.contiguous()
+    out = torch.empty(flat.shape[0], k, dtype=torch.int32, device=scores.device)
+    if k == 0 or flat.shape[0] == 0:
+        return out.view(*scores.shape[:-1], k)
+    block = max(16, triton.next_power_of_2(pages))
+    _top_pages_kernel[(flat.shape[0],)](
+        flat, out, flat.stride(0), out.stride(0), pages, k, BLOCK=block, num_warps=16 if block > 4096 else 8,
+    )
+    return out.view(*scores.shape[:-1], k)
