@@ -18,6 +18,7 @@ two up to 256.
 
 from __future__ import annotations
 
+import functools
 import os
 
 import torch
@@ -146,10 +147,14 @@ def supports(query: torch.Tensor, key: torch.Tensor, page_size: int) -> str | No
     return None
 
 
+@functools.cache
+def _sm_count(device: torch.device) -> int:
+    return torch.cuda.get_device_properties(device).multi_processor_count if device.type == "cuda" else 4
+
+
 def _num_splits(programs: int, tiles: int, device: torch.device) -> int:
     """Splits per (row, selection head): about four pass-1 programs per SM, at most one per tile."""
-    sms = torch.cuda.get_device_properties(device).multi_processor_count if device.type == "cuda" else 4
-    return max(1, min(tiles, triton.cdiv(4 * sms, max(programs, 1))))
+    return max(1, min(tiles, triton.cdiv(4 * _sm_count(device), max(programs, 1))))
 
 
 def sparse_decode_attention(
