@@ -270,3 +270,19 @@ def test_two_decode_methods_on_a_layer_are_rejected(tiny):
                                                      quest()["steps"][0]]}
     with pytest.raises(RecipeError, match="gets two decode methods"):
         attnkit.apply(model, recipe)
+
+
+def test_decode_fidelity_sees_quest(tiny):
+    """compare_decode measures decode steps: zero at full budget, positive at a small one."""
+    from attnkit.eval.fidelity import compare_decode
+
+    model, _ = tiny
+    ids, _ = random_batch(model.config.vocab_size, 1, 60)
+    attnkit.apply(model, quest(token_budget=128, dense_layers=[]))
+    full = compare_decode(model, ids, decode_tokens=8)
+    assert full["kl"] == 0.0 and full["top1_agreement"] == 1.0
+    attnkit.unpatch(model)
+    attnkit.apply(model, quest(token_budget=8, dense_layers=[]))
+    sparse = compare_decode(model, ids, decode_tokens=8)
+    assert sparse["kl"] > 0.0
+    assert sparse["nll_dense"] == full["nll_dense"]
