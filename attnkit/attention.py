@@ -99,6 +99,10 @@ class AttnkitAttention(nn.Module):
                 f"layer {self.layer_idx}: padding mask covers {key_padding_mask.shape[-1]} keys but the cache returned "
                 f"{sk}; a cache that evicts tokens needs its decode method in the recipe"
             )
+        if self.decode is not None:
+            out = self.decode.attend(query, key, value, key_padding_mask, scale)
+            if out is not None:  # the decode method attended itself (Quest's sparse decode)
+                return out
         if sq > 1 and self.prefill is not None:
             if sq < self.prefill.method.min_seq_len:
                 self.stats = {"dense_fallback": True, "q_len": sq, "kv_len": sk}

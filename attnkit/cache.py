@@ -78,6 +78,204 @@ class SinkWindowLayer(DynamicLayer):
         raise NotImplementedError("a sink+window cache has evicted tokens and cannot be cropped")
 
 
+class PageBoundsLayer(DynamicLayer):
+    """Quest's cache: keys and values, plus the element-wise min and max of every page's keys.
+
+    Storage: ``keys``/``values`` are ``[B, Hkv, S, D]`` views of buffers that grow by an eighth (at least 256 slots)
+    when full, so a decode step writes one token instead of re-concatenating the whole cache (``DynamicLayer``
+    copies all ``S`` tokens every step). ``page_min``/``page_max`` are ``[B, Hkv, pages, D]`` in the keys' dtype.
+
+    Pages are counted per row from the row's first real token: with ``pad[b]`` leading padding slots (left padding,
+    as ``generate`` pads a batch), page ``j`` of row ``b`` holds slots ``pad[b] + j·page_size`` onwards. Padding is
+    thus never inside a page, and a padded row has exactly the pages (and bounds) of the same row unpadded. The
+    padding is read from the attention mask on the first :meth:`update_bounds` call (the prefill); later tokens are
+    real.
+
+    Bounds are folded in incrementally by :meth:`update_bounds`, which the Quest decode module calls on every
+    forward (prefill: every new page, per row; decode: one token, the last page's bounds updated in place, or
+    started when the token opens a new page). ``track_bounds=False`` keeps only the growing buffers (Quest's dense
+    layers).
+
+    The keys view carries a reference to this layer (``keys.attnkit_cache_layer``): transformers hands the attention
+    function the tensors ``update`` returned but not the cache, and this is how the decode module finds the bounds
+    that belong to exactly those keys.
+    """
+
+    is_sliding = False
+
+    def __init__(self, page_size: int = 16, track_bounds: bool = True):
+        super().__init__()
+        if page_size <= 0:
+            raise ValueError(f"page_size must be positive, got {page_size}")
+        self.page_size = page_size
+        self.track_bounds = track_bounds
+        self._clear()
+
+    def _clear(self) -> None:
+        self.length = 0  # slots stored (padding included)
+        self.bounded = 0  # slots folded into the page bounds
+        self._keys: torch.Tensor | None = None  # [B, Hkv, capacity, D]
+        self._values: torch.Tensor | None = None
+        self.page_min: torch.Tensor | None = None  # [B, Hkv, page capacity, D]
+        self.page_max: torch.Tensor | None = None
+        self.pad: torch.Tensor | None = None  # [B] int32, leading padding slots per row
+        self.last_page: torch.Tensor | None = None  # [B] int32, index of each row's last (current) page
+        self.min_pad = 0  # min over rows of pad, on the host (how many pages the longest row has)
+        self._pad_host: list[int] = []
+
+    def lazy_initialization(self, key_states: torch.Tensor, value_states: torch.Tensor) -> None:
+        self.device = key_states.device
+        self.is_initialized = True
+
+    def update(self, key_states: torch.Tensor, value_states: torch.Tensor, *args, **kwargs):
+        if not self.is_initialized:
+            self.lazy_initialization(key_states, value_states)
+        need = self.length + key_states.shape[-2]
+        self._reserve(need, key_states, value_states)
+        self._keys[:, :, self.length : need] = key_states
+        self._values[:, :, self.length : need] = value_states
+        self.length = need
+        self._publish()
+        return self.keys, self.values
+
+    def _reserve(self, need: int, key_states: torch.Tensor, value_states: torch.Tensor) -> None:
+        capacity = 0 if self._keys is None else self._keys.shape[2]
+        if need <= capacity:
+            return
+        capacity = need + max(need // 8, 256)
+        b, h, _, d = key_states.shape
+        keys = key_states.new_empty(b, h, capacity, d)
+        values = value_states.new_empty(b, h, capacity, value_states.shape[-1])
+        if self.length:
+            keys[:, :, : self.length] = self._keys[:, :, : self.length]
+            values[:, :, : self.length] = self._values[:, :, : self.length]
+        self._keys, self._values = keys, values
+        if self.track_bounds:
+            pages = -(-capacity // self.page_size) + 1
+            page_min = key_states.new_empty(b, h, pages, d)
+            page_max = key_states.new_empty(b, h, pages, d)
+            if self.page_min is not None:
+                used = self.page_min.shape[2]
+                page_min[:, :, :used] = self.page_min
+                page_max[:, :, :used] = self.page_max
+            self.page_min, self.page_max = page_min, page_max
+
+    def _publish(self) -> None:
+        self.keys = self._keys[:, :, : self.length]
+        self.values = self._values[:, :, : self.length]
+        self.keys.attnkit_cache_layer = self
+
+    # ----------------------------------------------------------------------------------------- page bounds
+    def num_pages(self) -> int:
+        """Pages of the longest row (the bounds' used extent)."""
+        return -(-(self.length - self.min_pad) // self.page_size)
+
+    def update_bounds(self, key_padding_mask: torch.Tensor | None = None) -> None:
+        """Fold the tokens stored since the last call into the page bounds.
+
+        ``key_padding_mask [B, S]`` (True = real token) or None; read on the first call only, to find each row's
+        leading padding. It must be left padding (``0…0 1…1`` per row).
+        """
+        if not self.track_bounds or self.bounded == self.length:
+            return
+        if self.pad is None:
+            self._set_padding(key_padding_mask)
+        if self.length - self.bounded == 1 and self.bounded > 0:
+            self._fold_one_token()
+        else:
+            self._fold_rows()
+        self.bounded = self.length
+
+    def _set_padding(self, key_padding_mask: torch.Tensor | None) -> None:
+        b = self._keys.shape[0]
+        if key_padding_mask is None:
+            pad = torch.zeros(b, dtype=torch.int32, device=self.device)
+        else:
+            if key_padding_mask.dim() != 2 or key_padding_mask.shape != (b, self.length):
+                raise ValueError(
+                    f"Quest's page bounds need a key padding mask [B, S] = [{b}, {self.length}], got "
+                    f"{tuple(key_padding_mask.shape)}"
+                )
+            real = key_padding_mask.bool()
+            first = torch.where(real.any(-1), real.int().argmax(-1), self.length)
+            left_padded = torch.arange(self.length, device=real.device)[None, :] >= first[:, None]
+            if not torch.equal(left_padded, real):
+                raise ValueError(
+                    "Quest pages each row from its first real token and needs left padding (each mask row 0…0 1…1); "
+                    "this batch's mask has padding after a real token"
+                )
+            pad = first.to(device=self.device, dtype=torch.int32)
+        self.pad = pad
+        self._pad_host = pad.tolist()
+        self.min_pad = min(self._pad_host)
+
+    def _fold_rows(self) -> None:
+        """Recompute, per row, every page from the first one holding an unfolded token (the partial page's old
+        tokens are re-read: at most ``page_size - 1``)."""
+        p = self.page_size
+        for row, pad in enumerate(self._pad_host):
+            first_page = max(self.bounded - pad, 0) // p
+            lo = pad + first_page * p
+            if lo >= self.length:
+                continue
+            chunk = self._keys[row, :, lo : self.length]  # [H, L, D]
+            pages = -(-chunk.shape[1] // p)
+            fill = pages * p - chunk.shape[1]
+            if fill:  # a repeat of the last key changes neither the min nor the max
+                chunk = torch.cat([chunk, chunk[:, -1:].expand(-1, fill, -1)], dim=1)
+            chunk = chunk.view(chunk.shape[0], pages, p, chunk.shape[-1])
+            self.page_min[row, :, first_page : first_page + pages] = chunk.amin(2)
+            self.page_max[row, :, first_page : first_page + pages] = chunk.amax(2)
+        self.last_page = ((self.length - 1 - self.pad) // p).to(torch.int32)
+
+    def _fold_one_token(self) -> None:
+        """One decode token per row: update its page's bounds in place, or start them if it opens the page (one
+        Triton launch on a GPU: :func:`attnkit.kernels.page_bounds.fold_last_token`)."""
+        from attnkit.kernels.page_bounds import fold_last_token
+
+        fold_last_token(self._keys, self.page_min, self.page_max, self.last_page, self.length, self.pad, self.page_size)
+
+    # ------------------------------------------------------------------------ transformers' cache plumbing
+    def reset(self) -> None:
+        super().reset()
+        self._clear()
+
+    def crop(self, tokens_to_remove: int) -> None:
+        if tokens_to_remove > 0:
+            raise ValueError(f"crop takes a negative count of tokens to remove, got {tokens_to_remove}")
+        if tokens_to_remove == 0 or not self.is_initialized:
+            return
+        self.length = max(self.length + tokens_to_remove, 0)
+        self.bounded = 0  # recomputed from the kept keys on the next update_bounds
+        self._publish()
+
+    def _map_rows(self, fn) -> None:
+        for name in ("_keys", "_values", "page_min", "page_max", "pad", "last_page"):
+            tensor = getattr(self, name)
+            if tensor is not None:
+                setattr(self, name, fn(tensor))
+        if self.pad is not None:
+            self._pad_host = self.pad.tolist()
+            self.min_pad = min(self._pad_host) if self._pad_host else 0
+        if self._keys is not None:
+            self._publish()
+
+    def batch_repeat_interleave(self, repeats: int) -> None:
+        self._map_rows(lambda t: t.repeat_interleave(repeats, dim=0))
+
+    def batch_select_indices(self, indices: torch.Tensor) -> None:
+        self._map_rows(lambda t: t[indices.to(t.device)])
+
+    def reorder_cache(self, beam_idx: torch.LongTensor) -> None:
+        self._map_rows(lambda t: t.index_select(0, beam_idx.to(t.device)))
+
+    def offload(self):
+        raise NotImplementedError("Quest's page-bounds cache does not support offloading")
+
+    def prefetch(self):
+        raise NotImplementedError("Quest's page-bounds cache does not support offloading")
+
+
 class AttnkitCache(DynamicCache):
     """A ``DynamicCache`` whose per-layer cache layers are chosen by the patched model's decode methods."""
 

@@ -131,3 +131,18 @@ class DecodeLayer(nn.Module):
         ``kv_len`` keys this layer's cache returned."""
         return key_padding_mask
 
+    def attend(
+        self,
+        query: torch.Tensor,
+        key: torch.Tensor,
+        value: torch.Tensor,
+        key_padding_mask: torch.Tensor | None,
+        scale: float | None,
+    ) -> torch.Tensor | None:
+        """Called on every forward of the layer (prefill and decode), after :meth:`key_padding`.
+
+        ``query [B, Hq, Sq, D]``, ``key/value [B, Hkv, Sk, D]`` as the cache returned them. Returns the attention
+        output ``[B, Hq, Sq, D]``, or ``None`` to let the layer run its prefill method or dense attention (the
+        default). A decode method that keeps metadata in its cache layer (Quest's page bounds) updates it here.
+        """
+        return None

@@ -16,6 +16,10 @@
 #              staged) on one GPU with batch 2, then on two GPUs with FSDP2 and batch 1 each (the same global
 #              batch), compared by benchmarks.distill_compare (losses, gates, tokens/s). MODEL=random:llama3-8b:32
 #              for a model that is sharded for real; STEPS, SEQ override 30 steps of 4096 tokens
+#   quest      Quest: GPU kernel tests, then benchmarks.quest (decode attention at 32K/64K/128K, batch 1 and 8, vs
+#              dense SDPA and a naive gather; time per output token of a random 32-layer Llama-3-8B at 128K)
+#   quest-smol benchmarks.quality of Quest on the embedded model, 4K/8K, budgets 256/512/1024 (+1024 GQA-shared)
+#   quest-qwen benchmarks.quality of Quest on qwen, 16K/32K, budgets 1024/2048
 #   store      keep every carried model part (.devstage/NAME/chunk, see ../shared/device/stage-model) in
 #              /root/attnkit-models/parts/NAME, so parts can arrive in any order, riding along other stages
 #   assemble   join the parts into the two GGUF files (s* -> SmolLM2, q* -> qwen) and check their SHA256
@@ -88,6 +92,22 @@ case "$stage" in
     python3 -m benchmarks.distill_compare "$OUT/distill-$tag-1gpu" "$OUT/distill-$tag-2gpu-fsdp2" \
       --out "$OUT/distill-$tag-compare.json"
     rm -f "$OUT"/distill-*/model.safetensors  # the base weights are not a result (and too large to bring back)
+    ;;
+  quest)
+    python3 -m pytest -q -x -p no:cacheprovider tests/test_quest_kernels.py 2>&1 | tail -5
+    python3 -m benchmarks.quest --out "$OUT" 2>&1 | tail -30
+    ;;
+  quest-smol)
+    python3 -m benchmarks.quality --model "$SMOL" --dtype bfloat16 \
+      --recipes "${RECIPES:-quest:token_budget=256,quest:token_budget=512,quest:token_budget=1024,quest:token_budget=1024:share_gqa_group=true}" \
+      --lengths 4096,8192 --tasks passkey,niah_single,niah_multikey --samples 20 \
+      --out "$OUT/quality-smol-quest${TAG:+-$TAG}.json" 2>&1 | grep -v "it/s\]" | tail -40
+    ;;
+  quest-qwen)
+    python3 -m benchmarks.quality --model "$QWEN" --dtype bfloat16 \
+      --recipes "${RECIPES:-quest:token_budget=1024,quest:token_budget=2048}" \
+      --lengths 16384,32768 --fidelity-lengths 16384 --tasks passkey,niah_single --samples 10 \
+      --out "$OUT/quality-qwen-quest${TAG:+-$TAG}.json" 2>&1 | grep -v "it/s\]" | tail -40
     ;;
   *) echo "unknown stage $stage"; exit 2 ;;
 esac

@@ -85,6 +85,7 @@ def main(argv: list[str] | None = None) -> dict:
         patched = run_tasks(model, tokenizer, tasks, lengths, samples=args.samples)
         eval_s = time.perf_counter() - t0
         fidelity = fidelity_at_lengths(model, tokenizer, fidelity_lengths)
+        decode_fidelity = _decode_fidelity(model, tokenizer, fidelity_lengths)
         calibration = getattr(model, "attnkit_calibration", None)
         attnkit.unpatch(model)
         if hasattr(model, "attnkit_calibration"):
@@ -93,16 +94,30 @@ def main(argv: list[str] | None = None) -> dict:
             "recipe": recipe.to_dict(),
             "tasks": [vars(r) for r in patched],
             "fidelity": fidelity,
+            "decode_fidelity": decode_fidelity,
             "calibration": calibration,
             "seconds": {"fit": fit_s, "eval": eval_s},
         }
         print(f"{recipe_name}: fit {fit_s:.0f}s, " + ", ".join(f"{r.task}@{r.length}={r.score:.2f}" for r in patched), flush=True)
         for f in fidelity:
             print(f"  fidelity @{f['length']}: " + ", ".join(f"{k} {v:.4f}" for k, v in f.items() if isinstance(v, float)), flush=True)
+        for f in decode_fidelity:
+            print(f"  decode fidelity @{f['length']}: " + ", ".join(f"{k} {v:.4f}" for k, v in f.items() if isinstance(v, float)), flush=True)
         _write(args.out, result)  # after every recipe: a run cut short keeps what it measured
     print(markdown(result))
     _write(args.out, result)
     return result
+
+
+def _decode_fidelity(model, tokenizer, lengths: list[int], decode_tokens: int = 64) -> list[dict]:
+    """For recipes with a decode method (Quest): KL / top-1 of ``decode_tokens`` teacher-forced decode steps vs dense
+    after a prefill of the rest of ``length`` corpus tokens (:func:`attnkit.eval.fidelity.compare_decode`)."""
+    from attnkit.attention import attnkit_layers
+    from attnkit.eval.fidelity import compare_decode, corpus_ids
+
+    if not any(layer.decode is not None for layer in attnkit_layers(model)):
+        return []
+    return [{"length": n, **compare_decode(model, corpus_ids(tokenizer, n), decode_tokens)} for n in lengths]
 
 
 def _write(path: str | None, result: dict) -> None:

@@ -54,3 +54,33 @@ def test_checkpoint_of_the_embedded_model_reloads_exactly(llama, tmp_path):
         assert tok2("hello").input_ids == tokenizer("hello").input_ids
     finally:
         attnkit.unpatch(model)
+
+
+def test_convert_quest_on_the_embedded_model(tmp_path):
+    """`attnkit convert --recipe quest` end to end at a short length: a 256-token budget at 768 tokens (a third of
+    the pages); the eval generates with Quest's cache, and the checkpoint reloads into a model that decodes sparsely."""
+    from attnkit.sparsify.quest import QuestDecode
+
+    recipe = attnkit.Recipe.load("quest").to_dict()
+    recipe["steps"][0].update(token_budget=256)
+    path = tmp_path / "quest.yaml"
+    path.write_text(yaml.safe_dump(recipe))
+    out = tmp_path / "ckpt"
+    result = CliRunner(env={"COLUMNS": "200"}).invoke(
+        app,
+        ["convert", "--recipe", str(path), "--model", "llama", "--out", str(out), "--lengths", "768", "--samples", "1",
+         "--tasks", "passkey"],
+        catch_exceptions=False,
+    )
+    assert result.exit_code == 0, result.output
+    row = next(line for line in result.output.splitlines() if "│" in line and "passkey" in line)
+    cells = [c.strip() for c in row.split("│") if c.strip()]
+    assert 0.0 <= float(cells[5]) <= 1.0
+    model, tokenizer = attnkit.load(out, dtype="float32", device="cpu")
+    ids = tokenizer("The capital of France is Paris. " * 80, return_tensors="pt").input_ids[:, :600]
+    with torch.no_grad():
+        model.generate(input_ids=ids, attention_mask=torch.ones_like(ids), max_new_tokens=2, do_sample=False,
+                       past_key_values=attnkit.make_cache(model))
+    sparse = [m for m in model.modules() if isinstance(m, QuestDecode) and not m.dense]
+    assert len(sparse) == model.config.num_hidden_layers - 2
+    assert all(m.last_pages is not None and m.last_pages.shape[-1] == 256 // 16 - 1 for m in sparse)

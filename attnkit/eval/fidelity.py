@@ -34,8 +34,8 @@ from attnkit.kernels.vertical_slash import VerticalSlashMask
 from attnkit.patch import dense, is_patched
 
 __all__ = [
-    "CHUNK_BYTES", "LayerRecall", "RecallReport", "attention_recall", "compare_logits", "corpus_ids", "fidelity_at_lengths",
-    "nll",
+    "CHUNK_BYTES", "LayerRecall", "RecallReport", "attention_recall", "compare_decode", "compare_logits", "corpus_ids",
+    "fidelity_at_lengths", "nll",
 ]
 
 CHUNK_BYTES = 256 * 2**20  # one fp32 [rows, vocab] tensor per chunk of positions
@@ -540,3 +540,48 @@ def fidelity_at_lengths(
                 )
         rows.append(row)
     return rows
+
+
+# ------------------------------------------------------------------------------------ decode-time fidelity
+@torch.no_grad()
+def compare_decode(model: PreTrainedModel, input_ids: torch.Tensor, decode_tokens: int = 64) -> dict[str, float]:
+    """The patched model's *decode steps* against the dense model's, teacher-forced on the same tokens.
+
+    A prefill-only comparison (:func:`compare_logits`) cannot see a decode method (Quest): here all but the last
+    ``decode_tokens`` tokens of ``input_ids [B, S]`` are prefilled with the cache the model generates with
+    (:func:`attnkit.make_cache`; transformers' own when dense), then the last ones are fed one step at a time, and
+    the next-token distributions of those ``decode_tokens`` steps are compared with the dense model run the same
+    way (inside :func:`attnkit.dense`).
+
+    Returns ``kl`` (mean KL(dense ‖ patched) per step, nats), ``top1_agreement``, ``nll_dense``, ``nll_patched``
+    (of the fed tokens) and ``decode_tokens``.
+    """
+    from transformers import DynamicCache
+
+    from attnkit.cache import make_cache
+
+    ids, _ = _batch(model, input_ids, None)
+    if not 0 < decode_tokens < ids.shape[1]:
+        raise ValueError(f"decode_tokens must be in [1, {ids.shape[1] - 1}], got {decode_tokens}")
+    prompt, tail = ids[:, :-decode_tokens], ids[:, -decode_tokens:]
+
+    def run() -> torch.Tensor:
+        cache = make_cache(model) or DynamicCache(config=model.config)
+        out = model(input_ids=prompt, past_key_values=cache, use_cache=True, logits_to_keep=1)
+        steps = [out.logits[:, -1].float().log_softmax(-1)]
+        for t in range(decode_tokens - 1):
+            out = model(input_ids=tail[:, t : t + 1], past_key_values=cache, use_cache=True)
+            steps.append(out.logits[:, -1].float().log_softmax(-1))
+        return torch.stack(steps, 1)  # [B, decode_tokens, V]: distributions of the tail tokens
+
+    patched = run()
+    with dense(model):
+        reference = run()
+    kl = (reference.exp() * (reference - patched)).sum(-1)
+    return {
+        "decode_tokens": decode_tokens,
+        "kl": float(kl.mean()),
+        "top1_agreement": float((reference.argmax(-1) == patched.argmax(-1)).float().mean()),
+        "nll_dense": float(-reference.gather(-1, tail[..., None]).mean()),
+        "nll_patched": float(-patched.gather(-1, tail[..., None]).mean()),
+    }

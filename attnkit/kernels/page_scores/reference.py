@@ -1,0 +1,78 @@
+"""Quest page scores in plain PyTorch: the definition the Triton kernel is tested against.
+
+Quest (Tang et al. 2024) keeps, per KV page, the element-wise minimum ``m`` and maximum ``M`` of its keys. For a
+query ``q`` the largest logit any key of the page can reach is bounded by
+
+    score(page) = Σ_i max(q_i · M_i, q_i · m_i)
+
+(each term is the largest ``q_i · k_i`` over ``k_i ∈ [m_i, M_i]``). A decode step keeps the pages of highest score.
+"""
+
+from __future__ import annotations
+
+import torch
+
+PAGE_CHUNK = 1024  # pages per step of the reference loop: bounds the fp32 temporaries at long contexts
+
+
+def check_inputs(query: torch.Tensor, page_min: torch.Tensor, page_max: torch.Tensor, valid_pages: torch.Tensor) -> None:
+    if query.dim() != 3 or page_min.dim() != 4 or page_max.shape != page_min.shape:
+        raise ValueError(
+            f"expected query [B, Hq, D] and page_min/page_max [B, Hkv, pages, D] of one shape, got "
+            f"{tuple(query.shape)}, {tuple(page_min.shape)}, {tuple(page_max.shape)}"
+        )
+    b, hq, d = query.shape
+    if page_min.shape[0] != b or page_min.shape[-1] != d or hq % page_min.shape[1]:
+        raise ValueError(
+            f"query {tuple(query.shape)} and page bounds {tuple(page_min.shape)} disagree on batch, head_dim, or "
+            "heads (query heads must be a multiple of KV heads)"
+        )
+    if valid_pages.shape != (b,):
+        raise ValueError(f"valid_pages must be [B] = [{b}], got {tuple(valid_pages.shape)}")
+
+
+def page_scores(
+    query: torch.Tensor,
+    page_min: torch.Tensor,
+    page_max: torch.Tensor,
+    valid_pages: torch.Tensor,
+    share_gqa_group: bool = False,
+) -> torch.Tensor:
+    """Quest's upper bound of each page's attention logit, per query head or per GQA group.
+
+    Args:
+        query: ``[B, Hq, D]``, the decode step's query (post-RoPE, unscaled).
+        page_min, page_max: ``[B, Hkv, P, D]``, element-wise min/max of each page's keys (query head ``h`` reads
+            KV head ``h // (Hq / Hkv)``; never expanded).
+        valid_pages: ``[B]`` integers; pages ``≥ valid_pages[b]`` of row ``b`` score ``-inf`` (pages that do not
+            exist in that row, or that the caller adds on its own, such as Quest's current page).
+        share_gqa_group: score once per KV head: the maximum over the group's query heads (an upper bound of the
+            largest logit any head of the group can give the page), so the group shares one page selection.
+
+    Returns:
+        ``[B, Hq, P]`` float32 scores, or ``[B, Hkv, P]`` with ``share_gqa_group``.
+    """
+    check_inputs(query, page_min, page_max, valid_pages)
+    b, hq, d = query.shape
+    hkv, pages = page_min.shape[1], page_min.shape[2]
+    q = query.float().view(b, hkv, hq // hkv, 1, d)
+    out = torch.empty(b, hkv, hq // hkv, pages, dtype=torch.float32, device=query.device)
+    for start in range(0, pages, PAGE_CHUNK):
+        hi = page_max[:, :, start : start + PAGE_CHUNK].float()[:, :, None]  # [B, Hkv, 1, chunk, D]
+        lo = page_min[:, :, start : start + PAGE_CHUNK].float()[:, :, None]
+        out[..., start : start + PAGE_CHUNK] = torch.maximum(q * hi, q * lo).sum(-1)
+    index = torch.arange(pages, device=query.device)
+    out = out.masked_fill(index >= valid_pages.to(query.device).view(b, 1, 1, 1), float("-inf"))
+    if share_gqa_group:
+        return out.amax(2)
+    return out.reshape(b, hq, pages)
+
+
+def top_pages(scores: torch.Tensor, k: int) -> torch.Tensor:
+    """Indices of the ``k`` highest scores of each row: ``scores [..., P]`` → ``[..., k]`` (any order, int64).
+
+    Ties at the k-th value may resolve to any of the tied pages (a backend may pick others than this reference).
+    """
+    if not 0 <= k <= scores.shape[-1]:
+        raise ValueError(f"k must be in [0, {scores.shape[-1]}], got {k}")
+    return scores.topk(k, dim=-1, sorted=False).indices

@@ -1,0 +1,161 @@
+"""Quest (Tang et al. 2024): query-aware sparse decode over pages of the KV cache.
+
+The cache (:class:`~attnkit.cache.PageBoundsLayer`) keeps, for every page of ``page_size`` keys, their element-wise
+minimum ``m`` and maximum ``M``, updated as tokens arrive. At each decode step, per layer:
+
+1. **score** every page with the upper bound of its attention logit, ``Σ_i max(q_i·M_i, q_i·m_i)``, per query head
+   or, with ``share_gqa_group``, once per KV head (the max over the group's query heads: every head of the group
+   then reads the same pages, so each page is read once per group);
+2. **select** the ``token_budget / page_size - 1`` best pages among the complete ones (``top_pages``: a one-launch
+   Triton selection on a GPU, ``torch.topk`` elsewhere) plus the current, last page, which is always attended (as
+   in Quest's kernels);
+3. **attend** to the selected pages only (:func:`attnkit.kernels.paged_decode.sparse_decode_attention`, split-K).
+
+Scoring reads ``2/page_size`` of the keys' bytes, attention reads ``token_budget`` tokens: at 128K tokens, page 16
+and budget 2048 that is about 1/12 of the bytes of dense decode attention.
+
+Prefill is untouched: it runs dense, or the prefill method of the same recipe (SeerAttention, XAttention, ...).
+While every page of every row fits in the budget, decode runs dense attention, exactly. The first
+``dense_layers`` (default ``[0, 1]``, as in the paper: the first layers' attention is not sparse enough) decode
+densely; they keep Quest's cache, whose buffers grow without re-copying the cache at every step.
+
+Batches: left padding is handled by paging each row from its first real token (see ``PageBoundsLayer``), so a
+padded row selects exactly the pages it would select unpadded.
+"""
+
+from __future__ import annotations
+
+import logging
+
+import torch
+from pydantic import Field, field_validator, model_validator
+from torch import nn
+
+from attnkit.cache import PageBoundsLayer
+from attnkit.kernels.page_scores import page_scores, top_pages
+from attnkit.kernels.paged_decode import sparse_decode_attention
+from attnkit.method import DecodeLayer, Method
+from attnkit.registry import register
+
+logger = logging.getLogger(__name__)
+
+
+@register("quest")
+class Quest(Method):
+    """Query-aware page selection at decode: page bounds in the cache, top pages within a token budget."""
+
+    page_size: int = Field(16, gt=0, description="tokens per page (a power of two); bounds cost 2/page_size of the keys")
+    token_budget: int = Field(
+        1024, gt=0, description="tokens attended per decode step and head, the current page included (whole pages)"
+    )
+    dense_layers: list[int] = Field(
+        default_factory=lambda: [0, 1],
+        description="layers that decode densely (negative counts from the end); the paper keeps layers 0 and 1 dense",
+    )
+    share_gqa_group: bool = Field(
+        False,
+        description="score pages once per KV head (max over its query heads) so a GQA group reads one set of pages; "
+        "false scores and selects per query head, as the paper (MHA) does",
+    )
+    @field_validator("page_size")
+    @classmethod
+    def _power_of_two(cls, value: int) -> int:
+        if value & (value - 1) or value > 256:
+            raise ValueError(
+                f"page_size must be a power of two up to 256 (the decode kernel's tiles hold whole pages), got {value}"
+            )
+        return value
+
+    @model_validator(mode="after")
+    def _budget_in_pages(self) -> Quest:
+        if self.token_budget < self.page_size:
+            raise ValueError(
+                f"token_budget {self.token_budget} is below one page (page_size {self.page_size}): Quest always "
+                "attends the current page, so the budget must hold at least one page"
+            )
+        if self.token_budget % self.page_size:
+            raise ValueError(
+                f"token_budget {self.token_budget} is not a multiple of page_size {self.page_size}: pages are "
+                f"attended whole (use {self.token_budget // self.page_size * self.page_size} or "
+                f"{-(-self.token_budget // self.page_size) * self.page_size})"
+            )
+        return self
+
+    @property
+    def page_budget(self) -> int:
+        """Pages attended per decode step and head, the current page included."""
+        return self.token_budget // self.page_size
+
+    def dense_layer_indices(self, num_layers: int) -> set[int]:
+        """``dense_layers`` resolved against a model with ``num_layers`` layers."""
+        out = set()
+        for i in self.dense_layers:
+            j = i + num_layers if i < 0 else i
+            if not 0 <= j < num_layers:
+                raise ValueError(f"quest: dense_layers entry {i} is out of range for a model with {num_layers} layers")
+            out.add(j)
+        return out
+
+    def make_decode_layer(self, layer_idx: int, attention: nn.Module) -> QuestDecode:
+        dense = layer_idx in self.dense_layer_indices(attention.config.num_hidden_layers)
+        return QuestDecode(self, layer_idx, dense=dense)
+
+    def make_cache_layer(self, layer_idx: int) -> PageBoundsLayer:
+        # Only the layer index is known here: a negative dense_layers entry keeps its (unused) bounds.
+        return PageBoundsLayer(self.page_size, track_bounds=layer_idx not in self.dense_layers)
+
+
+class QuestDecode(DecodeLayer):
+    """Per-layer Quest decode: keeps the cache's page bounds current and attends to the selected pages.
+
+    After a sparse decode step, ``last_pages`` holds the selection: ``[B, Hq or Hkv, page_budget - 1]`` page indices
+    (per row, counted from its first real token; entries at or past the row's last page are unused fillers), the
+    last page being attended in addition.
+    """
+
+    method: Quest
+
+    def __init__(self, method: Quest, layer_idx: int, dense: bool):
+        super().__init__(method, layer_idx)
+        self.dense = dense
+        self.last_pages: torch.Tensor | None = None
+
+    def attend(self, query, key, value, key_padding_mask, scale):
+        if self.dense:
+            return None
+        cache = getattr(key, "attnkit_cache_layer", None)
+        if not isinstance(cache, PageBoundsLayer) or cache.length != key.shape[-2] or not cache.track_bounds:
+            if query.shape[-2] > 1:
+                return None
+            cache = self._bounds_without_cache(key, value)
+        cache.update_bounds(key_padding_mask)
+        if query.shape[-2] > 1:
+            return None  # prefill: the recipe's prefill method, or dense
+        method = self.method
+        if cache.num_pages() <= method.page_budget:
+            self.last_pages = None
+            return None  # every page of every row fits: dense attention, exactly
+        p = method.page_size
+        pages = cache.num_pages()
+        query = query[:, :, 0]
+        # Pages before each row's last page compete; the last page (index last_page) is always attended.
+        scores = page_scores(
+            query, cache.page_min[:, :, :pages], cache.page_max[:, :, :pages], cache.last_page, method.share_gqa_group
+        )
+        chosen = top_pages(scores, method.page_budget - 1)
+        self.last_pages = chosen
+        out = sparse_decode_attention(query, key, value, chosen, p, cache.pad, scale)
+        return out[:, :, None]
+
+    def _bounds_without_cache(self, key: torch.Tensor, value: torch.Tensor) -> PageBoundsLayer:
+        """Without Quest's cache (generate was not given ``attnkit.make_cache(model)``), compute the bounds of the
+        whole cache at this step: the same selection, at the cost of reading every key."""
+        if not getattr(QuestDecode, "_warned", False):
+            QuestDecode._warned = True
+            logger.warning(
+                "attnkit: Quest decodes without its page-bounds cache and recomputes the bounds every step; "
+                "pass past_key_values=attnkit.make_cache(model) to generate"
+            )
+        cache = PageBoundsLayer(self.method.page_size)
+        cache.update(key, value)
+        return cache

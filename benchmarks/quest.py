@@ -1,0 +1,366 @@
+"""Quest decode attention on the GPU: scoring + selection + sparse attention, against dense SDPA decode.
+
+    python -m benchmarks.quest                                   # Llama-3-8B shape, 32K/64K/128K, batch 1 and 8
+    python -m benchmarks.quest --lengths 32k --batches 1 --no-model
+    python -m benchmarks.quest --model-layers 32 --model-length 128k   # + time per output token, random 8B model
+    python -m benchmarks.quest --kernel-report                    # compile for sm_90 here: registers, spills
+
+Part 1, one attention layer (32 query / 8 KV heads, head_dim 128, bf16; page 16, budget 2048 tokens), per context
+length and batch, in one process:
+
+- ``dense``: ``scaled_dot_product_attention`` of one query over the whole cache (GQA, no mask: the fused kernels),
+  what attnkit's dense decode runs;
+- ``naive``: a torch gather of ``budget`` random tokens per (row, KV head) + SDPA over them;
+- ``quest`` / ``quest-shared``: the whole Quest decode step as the model runs it (:meth:`QuestDecode.attend`: page
+  scores + top-page selection + split-K sparse attention), per query head / per GQA group; with the parts timed
+  alone (and ``torch.topk`` beside the Triton selection).
+
+Before timing, each point is checked against the PyTorch references: the Triton scores (finite entries, relative
+error), the selected pages (the share of the reference's top pages that the kernel's scores select too), the
+attention over the reference's pages, and the whole step's output. A point that fails reports no speedup.
+Timings are medians of CUDA-event measurements with the L2 cache flushed between repetitions
+(``triton.testing.do_bench``), eager (Python launches included, as ``model.generate`` runs) and replayed from a CUDA
+graph (GPU time only, as serving engines run decode; every entry gets the same treatment). ``bytes bound``: dense KV bytes / (page-bound bytes + the budget's KV bytes), the
+speedup a purely memory-bound Quest step could reach.
+
+Part 2 (``--model-layers``, default 32: the whole 8B shape), time per output token of a random-weight Llama-3-8B
+model at ``--model-length`` (batch 1) after a prefill: ``dense`` (transformers' SDPA with its ``DynamicCache``, which
+re-concatenates the whole cache every step), ``dense-buffered`` (Quest's cache with a budget above the context:
+dense attention, but a growing buffer instead of the concatenation), ``quest`` (budget 2048, layers 0-1 dense).
+The first two separate what the cache layout gives from what Quest's sparsity gives.
+
+Writes ``quest-<timestamp>.json`` to ``--out`` and prints markdown tables.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import statistics
+import time
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+
+from benchmarks.attention import bench_ms, environment, parse_length, rel_err
+
+HQ, HKV, D = 32, 8, 128
+LENGTHS = [32768, 65536, 131072]
+BATCHES = [1, 8]
+DEVICE = "cuda"  # a CPU smoke run of this script (tests) sets "cpu" with the Triton interpreter
+
+
+def _setup(batch: int, length: int, page: int, budget: int, share: bool, dtype: torch.dtype):
+    from attnkit.sparsify.quest import Quest, QuestDecode
+
+    g = torch.Generator(device=DEVICE).manual_seed(length + batch)
+    method = Quest(page_size=page, token_budget=budget, dense_layers=[], share_gqa_group=share)
+    cache = method.make_cache_layer(0)
+    # [B, S, H, D] storage viewed as [B, H, S, D], as transformers produces them.
+    k = torch.randn(batch, length - 1, HKV, D, generator=g, device=DEVICE, dtype=dtype).transpose(1, 2)
+    v = torch.randn(batch, length - 1, HKV, D, generator=g, device=DEVICE, dtype=dtype).transpose(1, 2)
+    cache.update(k, v)
+    cache.update_bounds(None)
+    k1 = torch.randn(batch, HKV, 1, D, generator=g, device=DEVICE, dtype=dtype)
+    key, value = cache.update(k1, k1.clone())
+    cache.update_bounds(None)  # the decode step's own token, folded as the model does before attending
+    q = torch.randn(batch, 1, HQ, D, generator=g, device=DEVICE, dtype=dtype).transpose(1, 2)  # [B, Hq, 1, D]
+    return QuestDecode(method, 1, dense=False), cache, q, key, value
+
+
+def check_point(decode, cache, q, key, value, scale: float) -> dict:
+    """Kernels vs references at this exact shape; returns the errors and whether they pass."""
+    from attnkit.kernels.page_scores import reference as score_ref
+    from attnkit.kernels.page_scores import triton as score_tri
+    from attnkit.kernels.paged_decode import reference as attn_ref
+    from attnkit.kernels.paged_decode import triton as attn_tri
+
+    method = decode.method
+    pages = cache.num_pages()
+    query = q[:, :, 0]
+    valid = (key.shape[-2] - cache.pad + method.page_size - 1) // method.page_size - 1
+    bounds = (cache.page_min[:, :, :pages], cache.page_max[:, :, :pages])
+    want = score_ref.page_scores(query, *bounds, valid, method.share_gqa_group)
+    got = score_tri.page_scores(query, *bounds, valid, method.share_gqa_group)
+    finite = torch.isfinite(want)
+    score_err = rel_err(got[finite], want[finite])
+    k = method.page_budget - 1
+    ref_pages = want.topk(k, dim=-1).indices
+    tri_pages = score_tri.top_pages(got, k).long()
+    hits = (tri_pages.sort(-1).values[..., :, None] == ref_pages[..., None, :]).any(-1).float().mean().item()
+    ref_out = attn_ref.sparse_decode_attention(query, key, value, ref_pages, method.page_size, cache.pad, scale)
+    attn_err = rel_err(attn_tri.sparse_decode_attention(query, key, value, ref_pages, method.page_size, cache.pad, scale),
+                       ref_out)
+    step_err = rel_err(decode.attend(q, key, value, None, scale)[:, :, 0], ref_out) if hits == 1.0 else None
+    ok = score_err < 1e-3 and hits >= 0.999 and attn_err < 1e-2 and (step_err is None or step_err < 1e-2)
+    return {"score_rel_err": score_err, "selection_agreement": hits, "attention_rel_err": attn_err,
+            "step_rel_err": step_err, "ok": ok}
+
+
+def bench_point(batch: int, length: int, page: int, budget: int, dtype: torch.dtype) -> dict:
+    point: dict = {"batch": batch, "length": length, "page_size": page, "token_budget": budget}
+    point.update(_bench_baselines(batch, length, page, budget, dtype))
+    for share in (False, True):
+        point["quest-shared" if share else "quest"] = _bench_quest(batch, length, page, budget, share, dtype, point)
+        if DEVICE == "cuda":
+            torch.cuda.empty_cache()
+    return point
+
+
+def _bench_baselines(batch: int, length: int, page: int, budget: int, dtype: torch.dtype) -> dict:
+    scale = D**-0.5
+    _, _, q, key, value = _setup(batch, length, page, budget, False, dtype)
+    dense_k, dense_v = key.contiguous(), value.contiguous()
+    def dense():
+        return F.scaled_dot_product_attention(q, dense_k, dense_v, scale=scale, enable_gqa=True)
+
+    out = {"dense_us": 1e3 * bench_ms(dense), "dense_graph_us": graph_us(dense)}
+    idx = torch.randint(0, length, (batch, HKV, budget, 1), device=DEVICE).expand(-1, -1, -1, D)
+
+    def naive():
+        ks, vs = torch.gather(key, 2, idx), torch.gather(value, 2, idx)
+        return F.scaled_dot_product_attention(q, ks, vs, scale=scale, enable_gqa=True)
+
+    out["naive_us"] = 1e3 * bench_ms(naive)
+    out["naive_graph_us"] = graph_us(naive)
+    return out
+
+
+def _bench_quest(batch: int, length: int, page: int, budget: int, share: bool, dtype: torch.dtype, point: dict) -> dict:
+    from attnkit.kernels.page_scores import page_scores, top_pages
+    from attnkit.kernels.paged_decode import sparse_decode_attention
+
+    scale = D**-0.5
+    decode, cache, q, key, value = _setup(batch, length, page, budget, share, dtype)
+    check = check_point(decode, cache, q, key, value, scale)
+    entry: dict = {"check": check}
+    if not check["ok"]:
+        return entry
+    pages = cache.num_pages()
+    query = q[:, :, 0]
+    valid = (key.shape[-2] - cache.pad + page - 1) // page - 1
+    bounds = (cache.page_min[:, :, :pages], cache.page_max[:, :, :pages])
+    scores = page_scores(query, *bounds, valid, share)
+    chosen = top_pages(scores, budget // page - 1)
+    entry["total_us"] = 1e3 * bench_ms(lambda: decode.attend(q, key, value, None, scale))
+    entry["total_graph_us"] = graph_us(lambda: decode.attend(q, key, value, None, scale))
+    entry["scores_us"] = 1e3 * bench_ms(lambda: page_scores(query, *bounds, valid, share))
+    entry["topk_us"] = 1e3 * bench_ms(lambda: scores.topk(budget // page - 1, dim=-1, sorted=False))
+    entry["top_pages_us"] = 1e3 * bench_ms(lambda: top_pages(scores, budget // page - 1))
+    entry["attention_us"] = 1e3 * bench_ms(lambda: sparse_decode_attention(query, key, value, chosen, page, cache.pad, scale))
+    entry["bounds_update_us"] = 1e3 * bench_ms(lambda: _refold_last(cache))
+    kv_bytes = 2 * batch * HKV * length * D * key.element_size()
+    heads = HKV if share else HQ
+    quest_bytes = (2 * batch * HKV * pages * D + 2 * batch * heads * budget * D) * key.element_size()
+    entry["bytes_bound"] = kv_bytes / quest_bytes
+    entry["speedup_vs_dense"] = point["dense_us"] / entry["total_us"]
+    entry["speedup_vs_naive"] = point["naive_us"] / entry["total_us"]
+    entry["graph_speedup_vs_dense"] = point["dense_graph_us"] / entry["total_graph_us"]
+    entry["graph_speedup_vs_naive"] = point["naive_graph_us"] / entry["total_graph_us"]
+    return entry
+
+
+def graph_us(fn) -> float:
+    """Median µs of ``fn`` replayed as a CUDA graph: the GPU time without Python launch overhead (how serving
+    engines run decode steps). ``fn`` must not synchronize with the host."""
+    if DEVICE != "cuda":
+        return bench_ms(fn) * 1e3
+    stream = torch.cuda.Stream()
+    stream.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(stream):
+        for _ in range(3):
+            fn()
+    torch.cuda.current_stream().wait_stream(stream)
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        fn()
+    return 1e3 * bench_ms(graph.replay)
+
+
+def _refold_last(cache) -> None:
+    """The per-token bounds update a decode step pays (folding its own key into the last page)."""
+    cache.bounded -= 1
+    cache.update_bounds()
+
+
+# ------------------------------------------------------------------------------------------- model TPOT
+@torch.no_grad()
+def model_tpot(
+    layers: int, length: int, budget: int, page: int, new_tokens: int, warmup: int, shape: str = "llama3-8b"
+) -> dict:
+    from transformers import DynamicCache
+
+    import attnkit
+    from attnkit.models import random_model
+
+    model, _ = random_model(shape, layers, dtype=torch.bfloat16 if DEVICE == "cuda" else torch.float32, device=DEVICE)
+    ids = torch.randint(3, model.config.vocab_size, (1, length), device=DEVICE)
+    big = -(-(length + warmup + new_tokens + 1) // page) * page
+    variants = {
+        "dense": None,
+        "dense-buffered": {"method": "quest", "page_size": page, "token_budget": big, "dense_layers": [0, 1]},
+        "quest": {"method": "quest", "page_size": page, "token_budget": budget, "dense_layers": [0, 1]},
+    }
+    out: dict = {"layers": layers, "length": length, "batch": 1, "token_budget": budget, "page_size": page}
+    for name, step in variants.items():
+        if step is not None:
+            attnkit.apply(model, {"attnkit": 1, "name": name, "steps": [step]})
+        cache = attnkit.make_cache(model) or DynamicCache(config=model.config)
+        logits = model(input_ids=ids, past_key_values=cache, use_cache=True, logits_to_keep=1).logits
+        token = logits[:, -1:].argmax(-1)
+        times = []
+        for i in range(warmup + new_tokens):
+            if DEVICE == "cuda":
+                start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+                start.record()
+            t0 = time.perf_counter()
+            token = model(input_ids=token, past_key_values=cache, use_cache=True).logits[:, -1:].argmax(-1)
+            if DEVICE == "cuda":
+                end.record()
+                end.synchronize()
+                elapsed = start.elapsed_time(end)
+            else:
+                elapsed = (time.perf_counter() - t0) * 1e3
+            if i >= warmup:
+                times.append(elapsed)
+        out[f"{name}_ms_per_token"] = statistics.median(times)
+        if step is not None:
+            attnkit.unpatch(model)
+        del cache, logits
+        if DEVICE == "cuda":
+            torch.cuda.empty_cache()
+        print(f"  {name}: {out[f'{name}_ms_per_token']:.2f} ms/token", flush=True)
+    out["speedup_quest_vs_dense"] = out["dense_ms_per_token"] / out["quest_ms_per_token"]
+    out["speedup_quest_vs_dense_buffered"] = out["dense-buffered_ms_per_token"] / out["quest_ms_per_token"]
+    return out
+
+
+# ----------------------------------------------------------------------------------------- kernel report
+def kernel_report(arch: int = 90) -> list[dict]:
+    """Compile Quest's kernels for ``sm_<arch>`` at the bench shape (bf16, d 128, group 4, page 16) on any machine,
+    with the launch settings the wrappers use, and report registers / spills / shared memory per kernel."""
+    import triton
+    from triton.backends.compiler import GPUTarget
+    from triton.compiler import ASTSource
+
+    from attnkit.kernels.page_bounds import triton as bounds_tri
+    from attnkit.kernels.page_scores import triton as score_tri
+    from attnkit.kernels.paged_decode import triton as attn_tri
+    from benchmarks.kernel_report import report
+
+    def compile_one(fn, pointers, constexprs, warps, floats=()):
+        names = fn.arg_names
+        sig = {n: "constexpr" if n in constexprs else pointers.get(n, "fp32" if n in floats else "i32") for n in names}
+        src = ASTSource(fn=fn, signature=sig, constexprs={(names.index(k),): v for k, v in constexprs.items()})
+        return triton.compile(src, target=GPUTarget("cuda", arch, 32), options={"num_warps": warps, "num_stages": 3})
+
+    bf = "*bf16"
+    rows = []
+    for share in (False, True):
+        rows.append(("page_scores" + (" shared" if share else ""), compile_one(
+            score_tri._page_scores_kernel,
+            {"q_ptr": bf, "min_ptr": bf, "max_ptr": bf, "valid_ptr": "*i32", "out_ptr": "*fp32"},
+            {"GROUP": 4, "BLOCK_G": 16, "BLOCK_P": 32, "D": 128, "SHARE": share, "IEEE": False}, 8)))
+        rows.append(("paged_decode split" + (" shared" if share else ""), compile_one(
+            attn_tri._split_kernel,
+            {"q_ptr": bf, "k_ptr": bf, "v_ptr": bf, "pages_ptr": "*i64", "pad_ptr": "*i32", "acc_ptr": "*fp32",
+             "m_ptr": "*fp32", "l_ptr": "*fp32"},
+            {"GROUP": 4, "SHARE": share, "BLOCK_G": 16, "PAGE": 16, "TILE": 64, "D": 128, "IEEE": False}, 8,
+            floats=("qk_scale",))))
+    rows.append(("paged_decode combine", compile_one(
+        attn_tri._combine_kernel, {"acc_ptr": "*fp32", "m_ptr": "*fp32", "l_ptr": "*fp32", "out_ptr": bf},
+        {"BLOCK_S": 16, "D": 128}, 4)))
+    rows.append(("top_pages (8192 pages)", compile_one(
+        score_tri._top_pages_kernel, {"scores_ptr": "*fp32", "out_ptr": "*i32"}, {"BLOCK": 8192}, 16)))
+    rows.append(("page_bounds fold", compile_one(
+        bounds_tri._fold_kernel, {"k_ptr": bf, "min_ptr": bf, "max_ptr": bf, "last_ptr": "*i32", "pad_ptr": "*i32"},
+        {"PAGE": 16, "D": 128, "BLOCK_D": 128}, 1)))
+    return [{"kernel": name, **report(kernel)} for name, kernel in rows]
+
+
+# --------------------------------------------------------------------------------------------- reporting
+def markdown(result: dict) -> str:
+    lines = [
+        f"{result['env']['device']}, Llama-3-8B attention (32 q / 8 kv heads, d 128, bf16), page "
+        f"{result['page_size']}, budget {result['token_budget']}; µs, CUDA-event medians",
+        "",
+        "| batch | context | dense | naive gather | quest (per head) | × dense | × naive | quest (shared) | × dense | "
+        "× naive | CUDA graph: dense / naive / quest / shared (× dense) | bytes bound (head/shared) | "
+        "scores / top_pages (torch.topk) / attention µs (shared) | check |",
+        "|---|---|---|---|---|---|---|---|---|---|---|---|---|---|",
+    ]
+    for p in result["points"]:
+        a, s = p["quest"], p["quest-shared"]
+
+        def f(entry, key, fmt="{:.1f}"):
+            return fmt.format(entry[key]) if key in entry else "–"
+
+        check = "ok" if a["check"]["ok"] and s["check"]["ok"] else "FAILED"
+        parts = f"{f(s, 'scores_us')} / {f(s, 'top_pages_us')} ({f(s, 'topk_us')}) / {f(s, 'attention_us')}"
+        lines.append(
+            f"| {p['batch']} | {p['length'] // 1024}K | {p['dense_us']:.1f} | {p['naive_us']:.1f} | "
+            f"{f(a, 'total_us')} | {f(a, 'speedup_vs_dense', '{:.2f}')} | {f(a, 'speedup_vs_naive', '{:.2f}')} | "
+            f"{f(s, 'total_us')} | {f(s, 'speedup_vs_dense', '{:.2f}')} | {f(s, 'speedup_vs_naive', '{:.2f}')} | "
+            f"{p['dense_graph_us']:.1f} / {p['naive_graph_us']:.1f} / {f(a, 'total_graph_us')} / "
+            f"{f(s, 'total_graph_us')} (×{f(a, 'graph_speedup_vs_dense', '{:.2f}')}, "
+            f"×{f(s, 'graph_speedup_vs_dense', '{:.2f}')}) | "
+            f"{f(a, 'bytes_bound', '{:.1f}')} / {f(s, 'bytes_bound', '{:.1f}')} | {parts} | {check} |"
+        )
+    m = result.get("model")
+    if m:
+        lines += [
+            "",
+            f"random-weight Llama-3-8B shape, {m['layers']} layers, batch 1, {m['length'] // 1024}K context: "
+            f"dense {m['dense_ms_per_token']:.2f} ms/token, dense with Quest's buffered cache "
+            f"{m['dense-buffered_ms_per_token']:.2f}, quest {m['quest_ms_per_token']:.2f} "
+            f"(×{m['speedup_quest_vs_dense']:.2f} vs dense, ×{m['speedup_quest_vs_dense_buffered']:.2f} vs buffered)",
+        ]
+    return "\n".join(lines)
+
+
+def main(argv: list[str] | None = None) -> dict:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    ap.add_argument("--lengths", default="32k,64k,128k")
+    ap.add_argument("--batches", default="1,8")
+    ap.add_argument("--page-size", type=int, default=16)
+    ap.add_argument("--token-budget", type=int, default=2048)
+    ap.add_argument("--model-layers", type=int, default=32, help="layers of the TPOT model (0: skip part 2)")
+    ap.add_argument("--model-length", default="128k")
+    ap.add_argument("--new-tokens", type=int, default=32)
+    ap.add_argument("--no-model", action="store_true", help="skip part 2 (time per output token)")
+    ap.add_argument("--out", default="runs/bench")
+    ap.add_argument("--kernel-report", action="store_true", help="only compile the kernels for sm_90 and print their "
+                    "registers/spills (any machine, no GPU needed)")
+    args = ap.parse_args(argv)
+    if args.kernel_report:
+        import triton
+
+        print(f"triton {triton.__version__}, sm_90")
+        for row in kernel_report():
+            print(json.dumps(row))
+        return {}
+    if not torch.cuda.is_available():
+        raise SystemExit("benchmarks.quest times CUDA kernels; run it on a GPU (the tests check the kernels on CPU)")
+    result: dict = {"env": environment(), "page_size": args.page_size, "token_budget": args.token_budget, "points": []}
+    result["env"]["command"] = "python -m benchmarks.quest " + " ".join(argv if argv is not None else __import__("sys").argv[1:])
+    out = Path(args.out) / f"quest-{time.strftime('%Y%m%d-%H%M%S')}.json"
+    out.parent.mkdir(parents=True, exist_ok=True)
+    for batch in (int(b) for b in args.batches.split(",")):
+        for length in (parse_length(x) for x in args.lengths.split(",")):
+            point = bench_point(batch, length, args.page_size, args.token_budget, torch.bfloat16)
+            result["points"].append(point)
+            print(json.dumps({k: v for k, v in point.items()}, default=str), flush=True)
+            out.write_text(json.dumps(result, indent=1))
+    if not args.no_model and args.model_layers > 0:
+        print(f"model: llama3-8b x{args.model_layers} layers at {args.model_length}", flush=True)
+        result["model"] = model_tpot(args.model_layers, parse_length(args.model_length), args.token_budget,
+                                     args.page_size, args.new_tokens, warmup=4)
+        out.write_text(json.dumps(result, indent=1))
+    print(markdown(result))
+    print(f"wrote {out}")
+    return result
+
+
+if __name__ == "__main__":
+    main()

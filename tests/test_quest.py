@@ -1,0 +1,288 @@
+"""Quest decode: page bounds in the cache, page selection, exactness at full budget, padding, recipes, checkpoints."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+import attnkit
+from attnkit.cache import PageBoundsLayer
+from attnkit.kernels.page_scores import reference as score_ref
+from attnkit.kernels.paged_decode import reference as attn_ref
+from attnkit.recipe import RecipeError
+from attnkit.sparsify.quest import Quest, QuestDecode
+from tests.conftest import random_batch
+
+
+def quest(**settings) -> dict:
+    step = {"method": "quest", "page_size": 4, "token_budget": 12, "dense_layers": [0], **settings}
+    return {"attnkit": 1, "name": "test-quest", "steps": [step]}
+
+
+def brute_bounds(keys: torch.Tensor, pad: list[int], page: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """Page min/max straight from the definition: pages of each row start at its first real slot."""
+    b, h, s, d = keys.shape
+    pages = -(-(s - min(pad)) // page)
+    lo = torch.full((b, h, pages, d), float("inf"))
+    hi = torch.full((b, h, pages, d), float("-inf"))
+    for r in range(b):
+        for j in range(pages):
+            chunk = keys[r, :, pad[r] + j * page : min(pad[r] + (j + 1) * page, s)]
+            if chunk.shape[1]:
+                lo[r, :, j], hi[r, :, j] = chunk.amin(1), chunk.amax(1)
+    return lo, hi
+
+
+def quest_layers(model) -> list[QuestDecode]:
+    return [m for m in model.modules() if isinstance(m, QuestDecode) and not m.dense]
+
+
+# ----------------------------------------------------------------------------------------------- the cache
+@pytest.mark.parametrize("backend", ["reference", "triton"])
+@pytest.mark.parametrize("pads", [[0], [0, 5], [7, 0, 3]], ids=["B1", "B2-pad5", "B3-pad7-3"])
+def test_page_bounds_equal_brute_force_after_prefill_and_decode(pads, backend, monkeypatch):
+    """Any mix of prefill chunks and decode steps: the bounds equal their definition after every update (decode
+    steps fold their token with the PyTorch reference or the Triton kernel)."""
+    if backend == "triton":
+        pytest.importorskip("triton")
+    monkeypatch.setenv("ATTNKIT_KERNELS", backend)
+    g = torch.Generator().manual_seed(len(pads))
+    b, h, d, page = len(pads), 2, 8, 4
+    layer = PageBoundsLayer(page)
+    steps = [11, 1, 1, 5, 1, 1, 1, 1, 9, 1, 1, 300, 1]  # 300 forces the buffers to grow
+    keys = torch.empty(b, h, 0, d)
+    for i, new in enumerate(steps):
+        k, v = torch.randn(b, h, new, d, generator=g), torch.randn(b, h, new, d, generator=g)
+        keys = torch.cat([keys, k], 2)
+        out_k, out_v = layer.update(k, v)
+        assert torch.equal(out_k, keys) and out_v.shape == out_k.shape
+        assert out_k.attnkit_cache_layer is layer
+        mask = torch.arange(keys.shape[2])[None, :] >= torch.tensor(pads)[:, None]
+        layer.update_bounds(mask if i == 0 else None)
+        lo, hi = brute_bounds(keys, pads, page)
+        for r in range(b):  # the rows' own pages (a shorter row's trailing slots are unused)
+            n = -(-(keys.shape[2] - pads[r]) // page)
+            assert torch.equal(layer.page_min[r, :, :n], lo[r, :, :n]), (i, r)
+            assert torch.equal(layer.page_max[r, :, :n], hi[r, :, :n]), (i, r)
+            assert int(layer.last_page[r]) == n - 1
+    assert layer.get_seq_length() == sum(steps)
+
+
+def test_cache_rejects_padding_after_real_tokens():
+    layer = PageBoundsLayer(4)
+    layer.update(torch.randn(1, 1, 6, 4), torch.randn(1, 1, 6, 4))
+    with pytest.raises(ValueError, match="left padding"):
+        layer.update_bounds(torch.tensor([[1, 1, 0, 1, 1, 1]]))
+
+
+def test_cache_batch_ops_and_crop_keep_bounds_consistent():
+    g = torch.Generator().manual_seed(3)
+    layer = PageBoundsLayer(4)
+    k = torch.randn(2, 1, 10, 4, generator=g)
+    layer.update(k, k.clone())
+    layer.update_bounds(torch.tensor([[0, 0, 0] + [1] * 7, [1] * 10]).bool())
+    layer.batch_select_indices(torch.tensor([1]))
+    lo, hi = brute_bounds(k[1:], [0], 4)
+    assert layer.keys.shape == (1, 1, 10, 4) and layer.pad.tolist() == [0]
+    assert torch.equal(layer.page_min[:, :, :3], lo) and torch.equal(layer.page_max[:, :, :3], hi)
+    layer.crop(-3)
+    layer.update(k[1:, :, :2], k[1:, :, :2])
+    layer.update_bounds()
+    keys = torch.cat([k[1:, :, :7], k[1:, :, :2]], 2)
+    lo, hi = brute_bounds(keys, [0], 4)
+    assert torch.equal(layer.keys, keys) and torch.equal(layer.page_min[:, :, :3], lo)
+
+
+# ---------------------------------------------------------------------------------------------- selection
+@pytest.mark.parametrize("share", [False, True], ids=["per-head", "shared"])
+@pytest.mark.parametrize("backend", ["reference", "triton"])
+def test_chosen_pages_and_output_equal_the_reference(share, backend, monkeypatch):
+    """A decode step after a padded prefill: the chosen pages are the top pages of the brute-force bounds' scores,
+    the output is softmax attention over exactly those pages + the last one."""
+    if backend == "triton":
+        pytest.importorskip("triton")
+    monkeypatch.setenv("ATTNKIT_KERNELS", backend)
+    g = torch.Generator().manual_seed(5)
+    b, hq, hkv, d, page, pads = 2, 6, 2, 16, 4, [0, 6]
+    method = Quest(page_size=page, token_budget=16, dense_layers=[], share_gqa_group=share)
+    decode = QuestDecode(method, 0, dense=False)
+    cache = method.make_cache_layer(0)
+    k, v = torch.randn(b, hkv, 45, d, generator=g), torch.randn(b, hkv, 45, d, generator=g)
+    mask = torch.arange(45)[None, :] >= torch.tensor(pads)[:, None]
+    q = torch.randn(b, hq, 45, d, generator=g)
+    key, value = cache.update(k, v)
+    assert decode.attend(q, key, value, mask, None) is None  # prefill: not Quest's business
+    for _ in range(3):  # decode steps
+        k1, v1 = torch.randn(b, hkv, 1, d, generator=g), torch.randn(b, hkv, 1, d, generator=g)
+        key, value = cache.update(k1, v1)
+        q1 = torch.randn(b, hq, 1, d, generator=g)
+        mask = torch.cat([mask, torch.ones(b, 1, dtype=torch.bool)], 1)
+        out = decode.attend(q1, key, value, mask, 0.25)
+        lo, hi = brute_bounds(key, pads, page)
+        valid = (key.shape[2] - torch.tensor(pads) + page - 1) // page - 1
+        scores = score_ref.page_scores(q1[:, :, 0], lo, hi, valid, share)
+        want = scores.topk(method.page_budget - 1, dim=-1).indices
+        assert decode.last_pages.shape == (b, hkv if share else hq, 3)
+        assert torch.equal(decode.last_pages.sort(-1).values, want.sort(-1).values)
+        expected = attn_ref.sparse_decode_attention(q1[:, :, 0], key, value, want, page, torch.tensor(pads), 0.25)
+        torch.testing.assert_close(out[:, :, 0], expected, rtol=1e-5, atol=1e-5)
+
+
+# ------------------------------------------------------------------------------------------- model level
+@pytest.mark.parametrize("pads", [[0, 0], [0, 5]], ids=["unpadded", "padded"])
+def test_full_budget_equals_dense_generate(tiny, pads):
+    """Budget ≥ context: generate with Quest (its cache included) gives the dense logits: bit-exact without padding.
+    With padding attnkit's attention (a [B, S] key mask) already differs from transformers' SDPA (a 4D mask) in the
+    last bits, with or without Quest (streaming_llm with nothing evicted shows the same ~1e-7)."""
+    model, _ = tiny
+    ids, mask = random_batch(model.config.vocab_size, 2, 30, pad_lengths=pads)
+    kwargs = dict(input_ids=ids, attention_mask=mask, max_new_tokens=12, do_sample=False, output_logits=True,
+                  return_dict_in_generate=True)
+    dense = model.generate(**kwargs)
+    attnkit.apply(model, quest(token_budget=64, dense_layers=[]))
+    cache = attnkit.make_cache(model)
+    assert isinstance(cache.layers[0], PageBoundsLayer)
+    patched = model.generate(**kwargs, past_key_values=cache)
+    assert torch.equal(patched.sequences, dense.sequences)
+    for a, b in zip(patched.logits, dense.logits, strict=True):
+        if any(pads):
+            torch.testing.assert_close(a, b, rtol=0, atol=1e-6)
+        else:
+            assert torch.equal(a, b)
+    assert all(m.last_pages is None for m in quest_layers(model))  # every step ran dense
+
+
+def test_small_budget_is_sparse_and_runs_through_generate(tiny):
+    model, _ = tiny
+    ids, mask = random_batch(model.config.vocab_size, 2, 40, pad_lengths=[0, 3])
+    attnkit.apply(model, quest())
+    out = model.generate(input_ids=ids, attention_mask=mask, max_new_tokens=6, do_sample=False,
+                         past_key_values=attnkit.make_cache(model))
+    assert out.shape == (2, 46)
+    layers = quest_layers(model)
+    assert len(layers) == model.config.num_hidden_layers - 1  # layer 0 is dense
+    assert all(m.last_pages is not None and m.last_pages.shape[-1] == 2 for m in layers)
+
+
+def test_padded_batch_equals_unpadded():
+    """Left padding changes nothing: each row pages from its first real token, so it picks the same pages."""
+    model, _ = attnkit.load_model("tiny-qwen2", dtype="float32", device="cpu")
+    ids, mask = random_batch(model.config.vocab_size, 2, 41, pad_lengths=[0, 7])
+    attnkit.apply(model, quest(share_gqa_group=True))
+    gen = dict(max_new_tokens=8, do_sample=False, output_logits=True, return_dict_in_generate=True)
+    batch = model.generate(input_ids=ids, attention_mask=mask, past_key_values=attnkit.make_cache(model), **gen)
+    pages_batch = [m.last_pages.clone() for m in quest_layers(model)]
+    for row, pad in enumerate([0, 7]):
+        row_ids = ids[row : row + 1, pad:]
+        single = model.generate(input_ids=row_ids, attention_mask=torch.ones_like(row_ids),
+                                past_key_values=attnkit.make_cache(model), **gen)
+        assert torch.equal(single.sequences[0], batch.sequences[row, pad:])
+        for a, b in zip(single.logits, batch.logits, strict=True):
+            torch.testing.assert_close(a[0], b[row], rtol=1e-4, atol=1e-4)
+        for m, pages in zip(quest_layers(model), pages_batch, strict=True):
+            assert torch.equal(m.last_pages[0].sort(-1).values, pages[row].sort(-1).values)
+
+
+def test_decode_without_the_quest_cache_selects_the_same(tiny):
+    """A plain DynamicCache (no attnkit.make_cache): bounds are recomputed per step, same logits."""
+    model, _ = tiny
+    ids, mask = random_batch(model.config.vocab_size, 1, 37)
+    attnkit.apply(model, quest())
+    gen = dict(input_ids=ids, attention_mask=mask, max_new_tokens=5, do_sample=False, output_logits=True, return_dict_in_generate=True)
+    with_cache = model.generate(**gen, past_key_values=attnkit.make_cache(model))
+    without = model.generate(**gen)
+    for a, b in zip(with_cache.logits, without.logits, strict=True):
+        torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-5)
+
+
+def test_save_load_reproduces_quest(tiny, tmp_path):
+    model, tokenizer = tiny
+    ids, mask = random_batch(model.config.vocab_size, 1, 33)
+    attnkit.apply(model, quest(share_gqa_group=True))
+    gen = dict(input_ids=ids, attention_mask=mask, max_new_tokens=6, do_sample=False, output_logits=True, return_dict_in_generate=True)
+    before = model.generate(**gen, past_key_values=attnkit.make_cache(model))
+    attnkit.save(model, tmp_path / "ckpt", tokenizer=tokenizer)
+    loaded, _ = attnkit.load(tmp_path / "ckpt", dtype="float32", device="cpu")
+    assert loaded.attnkit_state.recipe == model.attnkit_state.recipe
+    after = loaded.generate(**gen, past_key_values=attnkit.make_cache(loaded))
+    assert torch.equal(before.sequences, after.sequences)
+    for a, b in zip(before.logits, after.logits, strict=True):
+        assert torch.equal(a, b)
+
+
+def test_composes_with_a_prefill_method(tiny):
+    """A block-sparse prefill + Quest decode in one recipe; at full budget it generates exactly as the prefill
+    method alone, and at a small budget both are sparse."""
+    model, _ = tiny
+    ids, mask = random_batch(model.config.vocab_size, 2, 70, pad_lengths=[0, 9])
+    prefill = {"method": "sliding_window", "window": 32, "block_size": 16}
+    gen = dict(input_ids=ids, attention_mask=mask, max_new_tokens=6, do_sample=False, output_logits=True,
+               return_dict_in_generate=True)
+    attnkit.apply(model, {"attnkit": 1, "name": "x", "steps": [prefill]})
+    alone = model.generate(**gen)
+    attnkit.unpatch(model)
+    recipe = {"attnkit": 1, "name": "xq", "steps": [prefill, quest(token_budget=128, dense_layers=[])["steps"][0]]}
+    attnkit.apply(model, recipe)
+    assert model.attnkit_state.layer_methods[0] == {"prefill": "sliding_window", "decode": "quest"}
+    both = model.generate(**gen, past_key_values=attnkit.make_cache(model))
+    assert model.attnkit_stats.mean_density() < 1.0  # the prefill really was sparse
+    for a, b in zip(alone.logits, both.logits, strict=True):
+        assert torch.equal(a, b)
+    sparse = dict(gen, max_new_tokens=3)
+    attnkit.unpatch(model)
+    attnkit.apply(model, {"attnkit": 1, "name": "xq", "steps": [prefill, quest()["steps"][0]]})
+    model.generate(**sparse, past_key_values=attnkit.make_cache(model))
+    assert all(m.last_pages is not None for m in quest_layers(model))
+
+
+@pytest.mark.parametrize(
+    ("settings", "message"),
+    [
+        ({"token_budget": 8, "page_size": 16}, "below one page"),
+        ({"token_budget": 40, "page_size": 16}, "not a multiple of page_size"),
+        ({"page_size": 12, "token_budget": 48}, "power of two"),
+        ({"token_budget": 0}, "greater than 0"),
+        ({"page_sise": 16}, "unknown key"),
+    ],
+)
+def test_bad_settings_fail_clearly(settings, message):
+    with pytest.raises(RecipeError, match=message):
+        attnkit.Recipe.load(quest(**settings))
+
+
+def test_dense_layers_out_of_range(tiny):
+    model, _ = tiny
+    with pytest.raises(ValueError, match="dense_layers entry 5 is out of range"):
+        attnkit.apply(model, quest(dense_layers=[5]))
+    assert not hasattr(model.model.layers[0].self_attn, "attnkit")  # nothing attached
+
+
+def test_builtin_recipes_load():
+    recipe = attnkit.Recipe.load("quest")
+    step = recipe.steps[0]
+    assert step.method_name == "quest" and step.dense_layers == [0, 1]
+    assert all(task for task in recipe.eval.tasks)
+
+
+def test_two_decode_methods_on_a_layer_are_rejected(tiny):
+    model, _ = tiny
+    recipe = {"attnkit": 1, "name": "sq", "steps": [{"method": "streaming_llm", "sink": 4, "window": 16},
+                                                     quest()["steps"][0]]}
+    with pytest.raises(RecipeError, match="gets two decode methods"):
+        attnkit.apply(model, recipe)
+
+
+def test_decode_fidelity_sees_quest(tiny):
+    """compare_decode measures decode steps: zero at full budget, positive at a small one."""
+    from attnkit.eval.fidelity import compare_decode
+
+    model, _ = tiny
+    ids, _ = random_batch(model.config.vocab_size, 1, 60)
+    attnkit.apply(model, quest(token_budget=128, dense_layers=[]))
+    full = compare_decode(model, ids, decode_tokens=8)
+    assert full["kl"] == 0.0 and full["top1_agreement"] == 1.0
+    attnkit.unpatch(model)
+    attnkit.apply(model, quest(token_budget=8, dense_layers=[]))
+    sparse = compare_decode(model, ids, decode_tokens=8)
+    assert sparse["kl"] > 0.0
+    assert sparse["nll_dense"] == full["nll_dense"]

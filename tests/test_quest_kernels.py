@@ -1,0 +1,186 @@
+"""Quest's kernels against their PyTorch references: page scoring and sparse paged decode attention.
+
+Triton runs under ``TRITON_INTERPRET=1`` on CPU (set by conftest), at tiny odd shapes, fp32/fp16/bf16 (the interpreter's
+bf16 dot is wrong), with NaN-poisoned allocations so an unwritten row or split fails.
+"""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from attnkit.kernels.page_scores import reference as score_ref
+from attnkit.kernels.paged_decode import reference as attn_ref
+
+triton = pytest.importorskip("triton")
+CUDA = torch.cuda.is_available()
+DEVICE = "cuda" if CUDA else "cpu"  # on a GPU machine the same tests run the compiled kernels
+gpu = pytest.mark.skipif(not CUDA, reason="needs a CUDA GPU")
+score_tri = pytest.importorskip("attnkit.kernels.page_scores.triton")
+attn_tri = pytest.importorskip("attnkit.kernels.paged_decode.triton")
+
+
+def _bounds(keys: torch.Tensor, pad: list[int], page: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """Brute-force page min/max ``[B, H, pages, D]`` of keys ``[B, H, S, D]`` paged from each row's first real slot."""
+    b, h, s, d = keys.shape
+    pages = -(-(s - min(pad)) // page)
+    lo = torch.full((b, h, pages, d), float("inf"), dtype=keys.dtype)
+    hi = torch.full((b, h, pages, d), float("-inf"), dtype=keys.dtype)
+    for r in range(b):
+        for j in range(pages):
+            chunk = keys[r, :, pad[r] + j * page : min(pad[r] + (j + 1) * page, s)]
+            if chunk.shape[1]:
+                lo[r, :, j], hi[r, :, j] = chunk.amin(1), chunk.amax(1)
+    return lo, hi
+
+
+SCORE_CASES = [  # (B, Hq, Hkv, pages, D)
+    (1, 4, 4, 5, 16),
+    (2, 6, 2, 37, 32),
+    (3, 7, 1, 70, 64),
+    (2, 9, 3, 129, 16),
+]
+
+
+@pytest.mark.parametrize("share", [False, True], ids=["per-head", "shared"])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16, torch.bfloat16], ids=["fp32", "fp16", "bf16"])
+@pytest.mark.parametrize("case", SCORE_CASES, ids=lambda c: "B{}-Hq{}-Hkv{}-P{}-D{}".format(*c))
+def test_page_scores_triton_matches_reference(case, dtype, share, nan_empty):
+    b, hq, hkv, pages, d = case
+    g = torch.Generator().manual_seed(sum(case))
+    q = torch.randn(b, hq, d, generator=g).to(dtype)
+    lo = torch.randn(b, hkv, pages, d, generator=g)
+    hi = lo + torch.rand(b, hkv, pages, d, generator=g)
+    lo, hi = lo.to(dtype), hi.to(dtype)
+    valid = torch.randint(1, pages + 1, (b,), generator=g)
+    q, lo, hi, valid = (t.to(DEVICE) for t in (q, lo, hi, valid))
+    want = score_ref.page_scores(q, lo, hi, valid, share)
+    got = score_tri.page_scores(q, lo, hi, valid, share)
+    assert got.shape == want.shape == (b, hkv if share else hq, pages)
+    assert torch.equal(torch.isinf(got), torch.isinf(want))
+    finite = torch.isfinite(want)
+    torch.testing.assert_close(got[finite], want[finite], rtol=1e-5, atol=1e-4)
+    # The index computation: the same top pages (random scores have no ties).
+    k = max(1, int(valid.min()) // 2)
+    assert torch.equal(got.topk(k).indices.sort().values, want.topk(k).indices.sort().values)
+
+
+def test_page_scores_definition():
+    """The reference is Σ_i max(q_i·M_i, q_i·m_i), the largest logit any key inside the bounds can reach."""
+    g = torch.Generator().manual_seed(0)
+    q = torch.randn(1, 2, 8, generator=g)
+    keys = torch.randn(1, 2, 48, 8, generator=g)
+    lo, hi = _bounds(keys, [0], 16)
+    scores = score_ref.page_scores(q, lo, hi, torch.tensor([3]))
+    logits = torch.einsum("bhd,bhsd->bhs", q, keys).view(1, 2, 3, 16)
+    assert (scores + 1e-5 >= logits.amax(-1)).all()  # an upper bound of every key's logit
+    brute = torch.stack([(q[0, h, None] * torch.where(q[0, h] >= 0, hi[0, h], lo[0, h])).sum(-1) for h in range(2)])
+    torch.testing.assert_close(scores[0], brute)
+    assert torch.isinf(score_ref.page_scores(q, lo, hi, torch.tensor([2]))[..., 2]).all()
+
+
+ATTN_CASES = [  # (B, Hq, Hkv, S, D, page, K, pads)
+    (1, 2, 2, 33, 16, 16, 2, [0]),
+    (2, 6, 2, 97, 32, 16, 3, [0, 21]),
+    (3, 7, 1, 130, 16, 8, 5, [5, 0, 64]),
+    (2, 4, 4, 63, 64, 4, 6, [0, 3]),
+    (1, 3, 3, 257, 16, 32, 0, [0]),
+]
+
+
+@pytest.mark.parametrize("share", [False, True], ids=["per-head", "shared"])
+@pytest.mark.parametrize(
+    ("dtype", "splits"),
+    [(torch.float32, None), (torch.float32, 1), (torch.float32, 3), (torch.float16, None), (torch.bfloat16, 3)],
+    ids=["fp32-auto", "fp32-1split", "fp32-3splits", "fp16-auto", "bf16-3splits"],
+)
+@pytest.mark.parametrize("case", ATTN_CASES, ids=lambda c: "B{}-Hq{}-Hkv{}-S{}-D{}-P{}-K{}".format(*c[:7]))
+def test_sparse_decode_triton_matches_reference(case, dtype, share, splits, nan_empty):
+    b, hq, hkv, s, d, page, k, pads = case
+    g = torch.Generator().manual_seed(s + k)
+    q = torch.randn(b, hq, d, generator=g).to(dtype)
+    # Keys/values as a view of a longer buffer (what the Quest cache returns).
+    key = torch.randn(b, hkv, s + 5, d, generator=g).to(dtype)[:, :, :s]
+    value = torch.randn(b, hkv, s + 5, d, generator=g).to(dtype)[:, :, :s]
+    pad = torch.tensor(pads)
+    heads = hkv if share else hq
+    last = -(-(s - pad) // page) - 1
+    pages = torch.full((b, heads, k), -1, dtype=torch.long)
+    for r in range(b):
+        for h in range(heads):
+            n = min(k, int(last[r]))
+            pages[r, h, :n] = torch.randperm(int(last[r]), generator=g)[:n]
+    if k:
+        pages[0, 0, -1] = int(last[0])  # a repeat of the last page is ignored
+    q, key, value, pages, pad = (t.to(DEVICE) for t in (q, key, value, pages, pad))
+    want = attn_ref.sparse_decode_attention(q, key, value, pages, page, pad, scale=0.3)
+    got = attn_tri.sparse_decode_attention(q, key, value, pages, page, pad, scale=0.3, num_splits=splits)
+    assert not got.isnan().any()
+    tol = {torch.float32: 1e-5, torch.float16: 2e-3, torch.bfloat16: 1.6e-2}[dtype]
+    torch.testing.assert_close(got.float(), want.float(), rtol=tol, atol=tol)
+
+
+def test_sparse_decode_reference_is_softmax_over_chosen_tokens():
+    """Row with padding 3, pages of 4: the attended slots are exactly pad + page·4 + t of the listed and last pages."""
+    g = torch.Generator().manual_seed(1)
+    q, key, value = torch.randn(1, 1, 8, generator=g), torch.randn(1, 1, 17, 8, generator=g), torch.randn(1, 1, 17, 8, generator=g)
+    pages = torch.tensor([[[1, -1, 7]]])  # 7 ≥ last (3): ignored; -1 ignored
+    mask = attn_ref.attended_tokens(pages, 4, torch.tensor([3]), 17)
+    assert mask[0, 0].nonzero().flatten().tolist() == [7, 8, 9, 10, 15, 16]
+    out = attn_ref.sparse_decode_attention(q, key, value, pages, 4, torch.tensor([3]))
+    idx = torch.tensor([7, 8, 9, 10, 15, 16])
+    probs = torch.softmax(q[0, 0] @ key[0, 0, idx].T * 8**-0.5, -1)
+    torch.testing.assert_close(out[0, 0], probs @ value[0, 0, idx])
+
+
+@gpu
+@pytest.mark.gpu
+@pytest.mark.parametrize("share", [False, True], ids=["per-head", "shared"])
+@pytest.mark.parametrize("batch,length", [(1, 32769), (4, 8191)], ids=["B1-S32769", "B4-S8191"])
+def test_gpu_llama3_shape(batch, length, share, nan_empty):
+    """bf16 at the Llama-3-8B shape (32 q / 8 kv heads, d 128), page 16, budget 2048, left padding."""
+    g = torch.Generator(device="cuda").manual_seed(length)
+    hq, hkv, d, page, k = 32, 8, 128, 16, 127
+    q = torch.randn(batch, hq, d, generator=g, device="cuda", dtype=torch.bfloat16)
+    key = torch.randn(batch, length, hkv, d, generator=g, device="cuda", dtype=torch.bfloat16).transpose(1, 2)
+    value = torch.randn(batch, length, hkv, d, generator=g, device="cuda", dtype=torch.bfloat16).transpose(1, 2)
+    pad = torch.arange(batch, device="cuda", dtype=torch.int32) * 37
+    pages_n = -(-(length - int(pad.max())) // page)
+    lo = torch.randn(batch, hkv, pages_n, d, generator=g, device="cuda").to(torch.bfloat16)
+    hi = (lo.float() + torch.rand(batch, hkv, pages_n, d, generator=g, device="cuda")).to(torch.bfloat16)
+    valid = (length - pad + page - 1) // page - 1
+    want = score_ref.page_scores(q, lo, hi, valid, share)
+    got = score_tri.page_scores(q, lo, hi, valid, share)
+    finite = torch.isfinite(want)
+    assert torch.equal(finite, torch.isfinite(got))
+    torch.testing.assert_close(got[finite], want[finite], rtol=1e-4, atol=1e-3)
+    chosen = want.topk(k, dim=-1).indices
+    assert torch.equal(score_tri.top_pages(want, k).long().sort(-1).values, chosen.sort(-1).values)
+    ref = attn_ref.sparse_decode_attention(q, key, value, chosen, page, pad)
+    out = attn_tri.sparse_decode_attention(q, key, value, chosen, page, pad)
+    # bf16 output: within 2x the reference's own bf16 rounding
+    err = (out.float() - ref.float()).norm() / ref.float().norm()
+    assert err < 8e-3, err
+
+
+@pytest.mark.parametrize(("rows", "pages", "k"), [(3, 37, 5), (2, 129, 1), (4, 1000, 127), (1, 70, 69), (2, 16, 0)],
+                         ids=lambda v: str(v))
+def test_top_pages_triton_matches_reference(rows, pages, k, nan_empty):
+    g = torch.Generator().manual_seed(pages + k)
+    scores = torch.randn(rows, pages, generator=g)
+    scores[0, -3:] = float("-inf")  # pages that do not exist in a row
+    scores[-1, :4] = -scores[-1, :4].abs()  # negative scores order correctly too
+    scores = scores.to(DEVICE)
+    got = score_tri.top_pages(scores, k)
+    want = score_ref.top_pages(scores, k)
+    assert got.shape == want.shape == (rows, k)
+    assert torch.equal(got.long().sort(-1).values, want.sort(-1).values)
+
+
+def test_top_pages_with_ties_takes_exactly_k():
+    scores = torch.tensor([[1.0, 2.0, 2.0, 2.0, 0.0, -1.0, 2.0], [float("-inf")] * 6 + [0.5]], device=DEVICE)
+    got = score_tri.top_pages(scores, 5)
+    assert got.shape == (2, 5)
+    assert got[0].tolist() == [0, 1, 2, 3, 6]  # the four 2.0s and the 1.0
+    assert sorted(got[1].tolist())[-1] == 6 and len(set(got[1].tolist())) == 5  # distinct, the only finite one in
+    assert score_tri.top_pages(scores[:, :3], 3).shape == (2, 3)
