@@ -25,6 +25,8 @@ _BUILTIN_MODULES = (
     "attnkit.sparsify.minference",
     "attnkit.sparsify.flexprefill",
     "attnkit.sparsify.seer",
+    "attnkit.convert.gqa",
+    "attnkit.convert.mla",
 )
 _builtins_loaded = False
 
