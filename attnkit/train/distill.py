@@ -323,7 +323,7 @@ def _warmup_cosine(warmup: int, total: int):
 
 
 @contextlib.contextmanager
-def _progress(enabled: bool, total: int, start: int):
+def _progress(enabled: bool, total: int, start: int, label: str = "distilling gates"):
     """A rich progress bar with the running loss; yields ``advance(step, loss)``."""
     if not enabled:
         yield lambda step, loss: None
@@ -338,7 +338,7 @@ def _progress(enabled: bool, total: int, start: int):
     )
 
     columns = (
-        TextColumn("[bold]distilling gates"), BarColumn(), MofNCompleteColumn(), TextColumn("loss {task.fields[loss]}"),
+        TextColumn(f"[bold]{label}"), BarColumn(), MofNCompleteColumn(), TextColumn("loss {task.fields[loss]}"),
         TimeElapsedColumn(), TimeRemainingColumn(),
     )
     with Progress(*columns, transient=False) as progress:
@@ -404,7 +404,12 @@ def _write_history(path: Path, rows: list[dict[str, Any]]) -> None:
     path.write_text("".join(json.dumps(row) + "\n" for row in rows))
 
 
-def plot_loss(jsonl: str | os.PathLike, png: str | os.PathLike) -> Path | None:
+def plot_loss(
+    jsonl: str | os.PathLike,
+    png: str | os.PathLike,
+    title: str = "SeerAttention gate distillation (thin lines: layers)",
+    ylabel: str = "KL(target ‖ gate), nats per block row",
+) -> Path | None:
     """Plot ``loss.jsonl`` (total and per-layer losses against the step) into ``png``; None without matplotlib."""
     try:
         import matplotlib
@@ -422,10 +427,11 @@ def plot_loss(jsonl: str | os.PathLike, png: str | os.PathLike) -> Path | None:
     layers = sorted({k for r in rows for k in r.get("layers", {})}, key=int)
     for layer in layers:
         ax.plot(steps, [r["layers"].get(layer, float("nan")) for r in rows], lw=0.6, alpha=0.35)
-    ax.plot(steps, [r["loss"] / max(1, len(layers)) for r in rows], color="black", lw=2, label="mean over layers")
+    ax.plot(steps, [r["loss"] / max(1, len(layers)) for r in rows], color="black", lw=2,
+            label="mean over layers" if layers else "loss")
     ax.set_xlabel("step")
-    ax.set_ylabel("KL(target ‖ gate), nats per block row")
-    ax.set_title("SeerAttention gate distillation (thin lines: layers)")
+    ax.set_ylabel(ylabel)
+    ax.set_title(title)
     ax.set_yscale("log")
     ax.legend()
     fig.tight_layout()
