@@ -15,6 +15,8 @@ from attnkit.recipe import RecipeError
 from tests.conftest import random_batch
 
 CALIBRATION = {"calibration_tokens": 512, "calibration_seq_len": 128}
+# Calibration ids passed as data (tokenizing the built-in corpus byte by byte costs seconds per conversion).
+CALIBRATION_IDS = torch.randint(3, 256, (2, 96), generator=torch.Generator().manual_seed(5))
 
 
 def gqa_recipe(**step):
@@ -30,7 +32,7 @@ def test_no_merge_keeps_logits(tiny):
     model, _ = tiny
     ids, _ = random_batch(model.config.vocab_size, 2, 50)
     before = logits(model, ids)
-    attnkit.apply(model, gqa_recipe(num_kv_heads=model.config.num_key_value_heads))
+    attnkit.apply(model, gqa_recipe(num_kv_heads=model.config.num_key_value_heads), data=CALIBRATION_IDS)
     assert model.config.num_key_value_heads == 2
     torch.testing.assert_close(logits(model, ids), before, rtol=0, atol=0)
 
@@ -87,7 +89,7 @@ def test_merged_model_equals_reference_formula(tiny):
     ids, _ = random_batch(model.config.vocab_size, 2, 40)
     config = model.config.to_dict()
     state = {k: v.clone() for k, v in model.state_dict().items()}
-    attnkit.apply(model, gqa_recipe(num_kv_heads=1, grouping="contiguous", align=False))
+    attnkit.apply(model, gqa_recipe(num_kv_heads=1, grouping="contiguous", align=False), data=CALIBRATION_IDS)
     d = model.config.head_dim
     for key in list(state):
         if key.endswith(("k_proj.weight", "v_proj.weight", "k_proj.bias", "v_proj.bias")):
@@ -117,19 +119,19 @@ def test_activation_grouping_pairs_alike_heads():
     model = _duplicated_heads_model()
     ids, _ = random_batch(model.config.vocab_size, 2, 40)
     before = logits(model, ids)
-    attnkit.apply(model, gqa_recipe(num_kv_heads=2, grouping="activation", align=True))
+    attnkit.apply(model, gqa_recipe(num_kv_heads=2, grouping="activation", align=True), data=CALIBRATION_IDS)
     report = model.attnkit_conversion[0]
     assert all(sorted(map(sorted, layer["groups"])) == [[0, 2], [1, 3]] for layer in report["layers"].values())
     torch.testing.assert_close(logits(model, ids), before, rtol=1e-4, atol=1e-4)
     contiguous = _duplicated_heads_model()
-    attnkit.apply(contiguous, gqa_recipe(num_kv_heads=2, grouping="contiguous", align=False))
+    attnkit.apply(contiguous, gqa_recipe(num_kv_heads=2, grouping="contiguous", align=False), data=CALIBRATION_IDS)
     assert (logits(contiguous, ids) - before).abs().max() > 1e-2
 
 
 def test_save_load_and_plain_from_pretrained(tiny, tmp_path):
     model, tokenizer = tiny
     ids, _ = random_batch(model.config.vocab_size, 2, 40)
-    attnkit.apply(model, gqa_recipe(kv_fraction=0.5))
+    attnkit.apply(model, gqa_recipe(kv_fraction=0.5), data=CALIBRATION_IDS)
     assert model.config.num_key_value_heads == 1
     converted = logits(model, ids)
     out = attnkit.save(model, tmp_path / "gqa", tokenizer=tokenizer)
@@ -148,7 +150,7 @@ def test_kv_fraction_picks_the_largest_valid_count():
 def test_clear_errors(tiny):
     model, _ = tiny
     with pytest.raises(ValueError, match=r"num_kv_heads 3 is invalid .* 2 KV heads.*valid: \[1, 2\]"):
-        attnkit.apply(model, gqa_recipe(num_kv_heads=3))
+        attnkit.apply(model, gqa_recipe(num_kv_heads=3), data=CALIBRATION_IDS)
     with pytest.raises(RecipeError, match="exactly one of num_kv_heads"):
         attnkit.Recipe.load(gqa_recipe())
     with pytest.raises(RecipeError, match="converts every layer"):

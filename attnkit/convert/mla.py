@@ -273,7 +273,11 @@ class MLAAttention(nn.Module):
             return nn.functional.scaled_dot_product_attention(
                 query, key, value, attn_mask=mask, scale=self.scaling, enable_gqa=gqa)
         if dispatch and self.config._attn_implementation == "attnkit":
-            return self.attnkit(query, key, value, mask, self.scaling)
+            value_dim = value.shape[-1]
+            if self.attnkit.prefill is not None and value_dim != key.shape[-1]:
+                # attnkit's sparse kernels take keys and values of one size: pad the values, drop the padding after.
+                value = nn.functional.pad(value, (0, key.shape[-1] - value_dim))
+            return self.attnkit(query, key, value, mask, self.scaling)[..., :value_dim]
         return dense_attention(query, key, value, mask, self.scaling)
 
     def _unabsorbed(self, q_nope, q_rope, latent, k_rope, mask) -> torch.Tensor:
