@@ -59,8 +59,28 @@ def print_report(report) -> None:
         )
         console.print(f"fidelity @{f['length']}: KL {f['kl']:.4f}, top-1 {f['top1_agreement']:.3f}, "
                       f"NLL {f['nll_dense']:.3f} → {f['nll_patched']:.3f}{recall}", soft_wrap=True)
+    for conversion in getattr(report, "conversion", []) or []:
+        console.print(_describe_conversion(conversion), soft_wrap=True, highlight=False)
     if getattr(report, "report_dir", None):
         console.print(f"run folder: {report.report_dir} (results.json, summary.md, plots)", soft_wrap=True)
+
+
+def _describe_conversion(conversion: dict) -> str:
+    """One or two lines per conversion step: what changed, the KV bytes per token, the recovery's loss."""
+    if conversion["method"] == "gqa":
+        before, after = conversion["kv_heads"]
+        text = f"gqa: {before} → {after} KV heads"
+    else:
+        ranks = sorted({layer["rank"] for layer in conversion["layers"].values()})
+        rope = next(iter(conversion["layers"].values()))["rope_dim"] if conversion["layers"] else 0
+        text = f"mla: {len(conversion['layers'])} layers, latent rank {'/'.join(map(str, ranks))} + rope key {rope}"
+    kv = conversion["kv_bytes_per_token"]
+    text += f"; KV cache {kv['before']} → {kv['after']} bytes/token in bf16 ({kv['after'] / kv['before'] - 1:+.0%})"
+    recovery = conversion.get("recovery")
+    if recovery:
+        text += (f"\n  recovery: {recovery['steps']} steps, {recovery['tokens']:,} tokens, {recovery['seconds']:.0f} s, "
+                 f"loss {recovery['first_loss']:.4f} → {recovery['loss']:.4f}")
+    return text
 
 
 @app.command()

@@ -35,6 +35,7 @@ class Report:
     seconds: dict[str, float] = field(default_factory=dict)
     report_dir: Path | None = None  # the run folder (results.json, summary.md, plots), when one was written
     fidelity: list[dict[str, Any]] = field(default_factory=list)  # attnkit.eval.fidelity.fidelity_at_lengths rows
+    conversion: list[dict[str, Any]] = field(default_factory=list)  # what each conversion step did (gqa, mla)
 
     def methods_summary(self) -> str:
         names = sorted({name for methods in self.layer_methods.values() for name in methods.values()})
@@ -106,6 +107,21 @@ def convert(
         seconds["save"] = time.perf_counter() - start
         _write_training_curves(lm, Path(out))
     report = Report(recipe.name, model, Path(out) if out else None, lm.attnkit_state.layer_methods, None)
+    report.conversion = list(getattr(lm, "attnkit_conversion", None) or [])
+    if evaluate and report.conversion:
+        # A converted model's baseline is the original model (its "dense" mode is the converted one): load it again.
+        spec = recipe.eval
+        original, _ = load_model(model, dtype=dtype, device=device)
+        rows, eval_seconds = compare_original_converted(
+            original, lm, tokenizer, tasks or spec.tasks, lengths or spec.lengths, samples or spec.samples,
+            show_progress=show_progress,
+        )
+        report.rows = rows
+        seconds.update(eval_seconds)
+        del original
+        if out is not None:
+            report.report_dir = _write_eval_run(Path(out) / "eval", report, lm)
+        evaluate = False
     if evaluate:
         spec = recipe.eval
         rows, density, eval_seconds = compare_dense_patched(
@@ -124,6 +140,29 @@ def convert(
             report.report_dir = _write_eval_run(Path(out) / "eval", report, lm)
     report.seconds = seconds
     return report
+
+
+def compare_original_converted(
+    original: PreTrainedModel,
+    converted: PreTrainedModel,
+    tokenizer: PreTrainedTokenizerBase,
+    tasks: list[str],
+    lengths: list[int],
+    samples: int,
+    seed: int = 0,
+    show_progress: bool = True,
+) -> tuple[list[Any], dict[str, float]]:
+    """Score the original model and the converted one on the same samples; rows read "dense" = original."""
+    from attnkit.eval.harness import compare, run_tasks
+
+    seconds = {}
+    start = time.perf_counter()
+    base = run_tasks(original, tokenizer, tasks, lengths, samples=samples, seed=seed, show_progress=show_progress)
+    seconds["eval_original"] = time.perf_counter() - start
+    start = time.perf_counter()
+    new = run_tasks(converted, tokenizer, tasks, lengths, samples=samples, seed=seed, show_progress=show_progress)
+    seconds["eval_converted"] = time.perf_counter() - start
+    return compare(base, new), seconds
 
 
 def _write_training_curves(model: PreTrainedModel, out: Path) -> None:

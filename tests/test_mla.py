@@ -140,8 +140,6 @@ def test_clear_errors(tiny):
         attnkit.apply(model, mla_recipe(kv_rank=8, rope_dim=6), data=CALIBRATION_IDS)
     with pytest.raises(RecipeError, match="rope_dim must be even"):
         attnkit.Recipe.load(mla_recipe(kv_rank=8, rope_dim=7))
-    with pytest.raises(RecipeError, match="exactly one of kv_rank"):
-        attnkit.Recipe.load(mla_recipe(rope_dim=8))
     assert not any(isinstance(a, MLAAttention) for a in attention_modules(model))  # nothing was converted
 
 
@@ -164,3 +162,50 @@ def test_gqa_then_mla_and_a_sparse_method_on_top(tmp_path):
     torch.testing.assert_close(logits(loaded, ids), patched, rtol=0, atol=0)
     attnkit.unpatch(loaded)
     assert isinstance(attention_modules(loaded)[0], MLAAttention)  # conversions cannot be undone; methods are gone
+
+
+def _export_roundtrip(model, tmp_path):
+    from transformers import AutoModelForCausalLM, DeepseekV3ForCausalLM
+
+    from attnkit.convert.mla import export_deepseek_v3
+
+    report = export_deepseek_v3(model, tmp_path / "ds")
+    native = AutoModelForCausalLM.from_pretrained(tmp_path / "ds", dtype=torch.float32).eval()
+    assert isinstance(native, DeepseekV3ForCausalLM)
+    assert native.config.first_k_dense_replace == native.config.num_hidden_layers
+    return report, native
+
+
+def test_deepseek_v3_export_loads_and_matches(tmp_path):
+    """latent_norm + no query bias: the native DeepSeek-V3 model computes the same logits as attnkit's module
+    (layer ranks differ: the smaller latent is zero-padded)."""
+    model, _ = attnkit.load_model("tiny-llama", dtype="float32", device="cpu")
+    attnkit.apply(model, mla_recipe(energy=0.9, rope_dim=8, latent_norm=True), data=CALIBRATION_IDS)
+    ids, _ = random_batch(model.config.vocab_size, 2, 40)
+    report, native = _export_roundtrip(model, tmp_path)
+    assert report["exact"] and report["approximations"] == []
+    torch.testing.assert_close(logits(native, ids), logits(model, ids), rtol=1e-4, atol=1e-4)
+    assert native.config.kv_lora_rank == max(model.attnkit_state.recipe.steps[0].layer_ranks.values())
+
+
+def test_deepseek_v3_export_reports_what_it_cannot_represent(tmp_path):
+    model, _ = attnkit.load_model("tiny-qwen2", dtype="float32", device="cpu")
+    with torch.no_grad():
+        for attention in attention_modules(model):
+            attention.q_proj.bias.normal_(0, 0.5)
+    attnkit.apply(model, mla_recipe(kv_rank=20, rope_dim=8), data=CALIBRATION_IDS)
+    ids, _ = random_batch(model.config.vocab_size, 1, 40)
+    report, native = _export_roundtrip(model, tmp_path)
+    assert not report["exact"]
+    assert any("query bias dropped" in a for a in report["approximations"])
+    assert any("latent RMSNorm" in a for a in report["approximations"])
+    assert (logits(native, ids) - logits(model, ids)).abs().max() > 1e-3
+
+
+def test_deepseek_v3_export_needs_every_layer(tmp_path):
+    from attnkit.convert.mla import export_deepseek_v3
+
+    model, _ = attnkit.load_model("tiny-llama", dtype="float32", device="cpu")
+    attnkit.apply(model, mla_recipe(kv_rank=20, rope_dim=8, layers=[0]), data=CALIBRATION_IDS)
+    with pytest.raises(ValueError, match="needs every layer converted"):
+        export_deepseek_v3(model, tmp_path / "ds")

@@ -251,8 +251,9 @@ def run_conversions(model: PreTrainedModel, steps: list[ConversionMethod], data:
         if step.recover is not None and step.recover.steps > 0:
             teacher = copy.deepcopy(model).eval()
             teacher.requires_grad_(False)
+        before = kv_bytes_per_token(model, 2)
         report = step.convert(model, data)
-        report["kv_bytes_per_token"] = {"bf16": kv_bytes_per_token(model, 2)}
+        report["kv_bytes_per_token"] = {"before": before, "after": kv_bytes_per_token(model, 2), "dtype": "bfloat16"}
         if teacher is not None:
             from attnkit.train.recover import recover
 

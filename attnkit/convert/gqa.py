@@ -48,10 +48,12 @@ class GQA(ConversionMethod):
 
     conversion_stage = 0
 
-    num_kv_heads: int | None = Field(None, gt=0, description="KV heads after conversion (a divisor of the model's)")
-    kv_fraction: float | None = Field(
-        None, gt=0, le=1, description="or: the largest valid KV head count ≤ this fraction of the model's (0.5: halve; "
-        "a model with 3 KV heads goes to 1)"
+    num_kv_heads: int | None = Field(
+        None, gt=0, description="KV heads after conversion (a divisor of the model's); overrides kv_fraction"
+    )
+    kv_fraction: float = Field(
+        0.5, gt=0, le=1, description="the largest valid KV head count ≤ this fraction of the model's (0.5: halve; a "
+        "model with 3 KV heads goes to 1)"
     )
     grouping: Literal["contiguous", "activation"] = Field(
         "activation", description="contiguous (Ainslie mean pooling of neighbours) or by calibration similarity"
@@ -59,9 +61,7 @@ class GQA(ConversionMethod):
     align: bool = Field(True, description="Procrustes-align heads (function-preserving) before averaging them")
 
     @model_validator(mode="after")
-    def _one_target(self) -> GQA:
-        if (self.num_kv_heads is None) == (self.kv_fraction is None):
-            raise ValueError("gqa needs exactly one of num_kv_heads (a count) or kv_fraction (e.g. 0.5)")
+    def _all_layers(self) -> GQA:
         if self.layers != "all":
             raise ValueError("gqa converts every layer (a transformers config has one num_key_value_heads): "
                              "leave `layers: all`")

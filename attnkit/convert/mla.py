@@ -35,8 +35,13 @@ it can and cannot represent exactly.
 
 from __future__ import annotations
 
+import json
 import logging
 import math
+import os
+import shutil
+import tempfile
+from pathlib import Path
 from typing import Any, Literal
 
 import torch
@@ -57,10 +62,12 @@ class MLA(ConversionMethod):
 
     conversion_stage = 1
 
-    kv_rank: int | None = Field(None, gt=0, description="latent size per token and layer (DeepSeek's kv_lora_rank)")
-    energy: float | None = Field(
-        None, gt=0, le=1, description="or: per layer, the smallest rank holding this fraction of the [k_nope; v] "
-        "calibration energy"
+    kv_rank: int | None = Field(
+        None, gt=0, description="latent size per token and layer (DeepSeek's kv_lora_rank); overrides energy"
+    )
+    energy: float = Field(
+        0.99, gt=0, le=1, description="per layer, the smallest rank holding this fraction of the [k_nope; v] "
+        "calibration energy (when kv_rank is not given)"
     )
     rope_dim: int = Field(64, gt=0, description="size of the shared rope key (even; ≤ head_dim for the DeepSeek export)")
     rope_frequencies: Literal["strided", "highest"] = Field(
@@ -82,8 +89,6 @@ class MLA(ConversionMethod):
     def _settings(self) -> MLA:
         if self.rope_dim % 2:
             raise ValueError(f"mla: rope_dim must be even (RoPE rotates pairs), got {self.rope_dim}")
-        if self.layer_ranks is None and (self.kv_rank is None) == (self.energy is None):
-            raise ValueError("mla needs exactly one of kv_rank (a latent size) or energy (e.g. 0.99)")
         return self
 
     # ---------------------------------------------------------------------------------------- geometry
@@ -435,3 +440,125 @@ def _relative(error: torch.Tensor, total: torch.Tensor) -> float:
     """Relative squared reconstruction error (0 where there is nothing to reconstruct)."""
     denominator = float(torch.trace(total))
     return 0.0 if denominator <= 1e-12 else round(float(torch.trace(error)) / denominator, 6)
+
+
+# ------------------------------------------------------------------------------------------------ export
+@torch.no_grad()
+def export_deepseek_v3(model, out: str | os.PathLike, tokenizer=None, overwrite: bool = False) -> dict[str, Any]:
+    """Write an MLA-converted ``model`` as a native ``DeepseekV3ForCausalLM`` checkpoint in ``out``.
+
+    Layout: ``q_lora_rank`` None (one ``q_proj``), ``kv_lora_rank`` = the largest layer rank (smaller latents are
+    zero-padded, exactly), ``qk_nope_head_dim = v_head_dim = head_dim``, ``qk_rope_head_dim = rope_dim``,
+    ``rope_interleave`` false (attnkit's rope key is in rotate-half layout), dense MLPs everywhere
+    (``first_k_dense_replace`` = number of layers), the model's MLP/norm/embedding weights unchanged.
+
+    What maps exactly: the rope key and query (the kept frequencies are every ``head_dim/rope_dim``-th, which is
+    DeepSeek's RoPE of dimension ``rope_dim`` at the same ``rope_theta``; ``highest`` maps with
+    ``rope_theta^(rope_dim/head_dim)``), the latent and its up-projection (per query head), the softmax scale (folded
+    into ``q_proj``), k/v biases (``attention_bias``: the latent's bias). What does not (reported in the returned dict
+    and in ``attnkit-export.json``, with a warning):
+
+    - DeepSeek normalises the latent (``kv_a_layernorm``). Exact when the model was converted with
+      ``latent_norm: true``; otherwise the norm's weight is set to the calibration RMS of the latent, which
+      matches only tokens whose latent has that RMS (an approximation; convert with ``latent_norm: true`` and recover).
+    - DeepSeek-V3's ``q_proj`` has no bias: a query bias (Qwen2) is dropped.
+
+    Needs every layer converted, one rope slot per frequency (``rope_dim ≤ head_dim``) and default RoPE (no
+    scaling: DeepSeek's YaRN is not the model's RoPE). Returns ``{"exact": bool, "approximations": [...], ...}``.
+    """
+    from transformers import DeepseekV3Config, DeepseekV3ForCausalLM
+
+    attentions = attention_modules(model)
+    if not all(isinstance(a, MLAAttention) for a in attentions):
+        raise ValueError("export_deepseek_v3 needs every layer converted to MLA (mla step with `layers: all`)")
+    config = model.config
+    rope = dict(getattr(config, "rope_parameters", None) or {"rope_type": "default", "rope_theta": config.rope_theta})
+    if rope.get("rope_type", "default") != "default":
+        raise ValueError(f"export_deepseek_v3: RoPE type {rope.get('rope_type')!r} has no exact DeepSeek-V3 "
+                         "equivalent (only default RoPE exports)")
+    layers = [a.attnkit for a in attentions]
+    d, dr = layers[0].head_dim, layers[0].rope_dim
+    if any(layer.rope_dim != dr or layer.head_dim != d for layer in layers) or dr > d:
+        raise ValueError("export_deepseek_v3 needs one rope_dim ≤ head_dim for all layers (one rope slot per frequency)")
+    freqs = layers[0].rope_frequency_index.tolist()
+    half = d // 2
+    if freqs == list(range(0, half, half // len(freqs))):
+        theta = rope["rope_theta"]
+    elif freqs == list(range(len(freqs))):
+        theta = rope["rope_theta"] ** (dr / d)
+    else:
+        raise ValueError(f"export_deepseek_v3: rope frequencies {freqs} are not a DeepSeek RoPE schedule")
+    q_heads = layers[0].q_heads
+    rank = max(layer.rank for layer in layers)
+    kv_bias = layers[0].kv_a_proj.bias is not None
+    scale_fix = attentions[0].scaling * math.sqrt(d + dr)  # DeepSeek scales scores by (nope + rope)^-1/2
+    approximations: list[str] = []
+    if any(layer.latent_norm is None for layer in layers):
+        approximations.append("latent RMSNorm (kv_a_layernorm) inserted with the calibration RMS as its weight: the "
+                              "model was converted without latent_norm")
+    q_bias = max((float(layer.q_proj.bias.abs().max()) for layer in layers if layer.q_proj.bias is not None), default=0.0)
+    if q_bias > 0:
+        approximations.append(f"query bias dropped (DeepSeek-V3's q_proj has none; largest |bias| {q_bias:.3g})")
+    mlp = model.get_decoder().layers[0].mlp
+    ds_config = DeepseekV3Config(
+        vocab_size=config.vocab_size, hidden_size=config.hidden_size, intermediate_size=mlp.down_proj.in_features,
+        moe_intermediate_size=mlp.down_proj.in_features, num_hidden_layers=len(layers), num_attention_heads=q_heads,
+        num_key_value_heads=q_heads, first_k_dense_replace=len(layers), q_lora_rank=None, kv_lora_rank=rank,
+        qk_rope_head_dim=dr, qk_nope_head_dim=d, v_head_dim=d, hidden_act=config.hidden_act,
+        max_position_embeddings=config.max_position_embeddings, rms_norm_eps=config.rms_norm_eps,
+        tie_word_embeddings=config.tie_word_embeddings, rope_interleave=False, attention_bias=kv_bias,
+        rope_parameters={"rope_type": "default", "rope_theta": theta}, bos_token_id=config.bos_token_id,
+        eos_token_id=config.eos_token_id, pad_token_id=getattr(config, "pad_token_id", None),
+    )
+    state = {}
+    for key, value in model.state_dict().items():
+        if ".self_attn." not in key:
+            state[key] = value
+    for i, layer in enumerate(layers):
+        prefix = f"model.layers.{i}.self_attn."
+        r = layer.rank
+        pad = rank - r
+        state[prefix + "q_proj.weight"] = layer.q_proj.weight * scale_fix
+        w_a = layer.kv_a_proj.weight
+        state[prefix + "kv_a_proj_with_mqa.weight"] = torch.cat([w_a[:r], w_a.new_zeros(pad, w_a.shape[1]), w_a[r:]])
+        if kv_bias:
+            b_a = layer.kv_a_proj.bias
+            state[prefix + "kv_a_proj_with_mqa.bias"] = torch.cat([b_a[:r], b_a.new_zeros(pad), b_a[r:]])
+            o_bias = layer.o_proj.bias
+            state[prefix + "o_proj.bias"] = o_bias if o_bias is not None else w_a.new_zeros(config.hidden_size)
+        norm = layer.latent_norm.weight if layer.latent_norm is not None else layer.latent_rms.expand(r)
+        norm = norm * math.sqrt(r / rank)  # RMS over the zero-padded latent is sqrt(r / rank) times smaller
+        state[prefix + "kv_a_layernorm.weight"] = torch.cat([norm, norm.new_full((pad,), 1.0)])
+        w_b = layer.kv_b_proj.weight.view(layer.kv_heads, 2 * d, r)
+        w_b = w_b.repeat_interleave(q_heads // layer.kv_heads, 0).reshape(q_heads * 2 * d, r)
+        state[prefix + "kv_b_proj.weight"] = torch.cat([w_b, w_b.new_zeros(q_heads * 2 * d, pad)], 1)
+        state[prefix + "o_proj.weight"] = layer.o_proj.weight
+    weight = next(model.parameters())
+    with torch.device("meta"):
+        native = DeepseekV3ForCausalLM(ds_config)
+    native.load_state_dict({k: v.detach().to(weight.dtype) for k, v in state.items()}, strict=True, assign=True)
+    if config.tie_word_embeddings:
+        native.tie_weights()
+    report = {"exact": not approximations, "approximations": approximations, "kv_lora_rank": rank,
+              "qk_rope_head_dim": dr, "rope_theta": theta, "layer_ranks": [layer.rank for layer in layers],
+              "kv_values_per_token_per_layer": rank + dr}
+    for note in approximations:
+        logger.warning("DeepSeek-V3 export: %s", note)
+    out = Path(out)
+    if out.exists() and not overwrite:
+        raise FileExistsError(f"{out} already exists (overwrite=True replaces it)")
+    out.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.tmp-", dir=out.parent))
+    try:
+        native.save_pretrained(tmp)
+        tokenizer = tokenizer if tokenizer is not None else getattr(model, "attnkit_tokenizer", None)
+        if tokenizer is not None:
+            tokenizer.save_pretrained(tmp)
+        (tmp / "attnkit-export.json").write_text(json.dumps(report, indent=2) + "\n")
+        if out.exists():
+            shutil.rmtree(out)
+        os.replace(tmp, out)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    return report

@@ -458,7 +458,8 @@ class DistillReport:
         for i, r in enumerate(self.results):
             speed = f", {r.tokens_per_second:,.0f} tokens/s" if r.tokens_per_second else ""
             loss = "n/a" if r.loss is None else f"{r.loss:.4f}"
-            lines.append(f"  gates {i}: {r.steps} steps, final loss {loss}{speed} ({r.seconds:.0f} s)")
+            what = "gates" if isinstance(r, DistillResult) else "recovery"
+            lines.append(f"  {what} {i}: {r.steps} steps, final loss {loss}{speed} ({r.seconds:.0f} s)")
             calibrated = sorted(t for layer in (self.thresholds[i] if i < len(self.thresholds) else {}).values() for t in layer)
             if calibrated:
                 median = calibrated[len(calibrated) // 2]
@@ -508,7 +509,12 @@ def distill(
     if data is not None or steps is not None or seq_len is not None:
         recipe = _override_training(recipe, data=data, steps=steps, seq_len=seq_len)
     if not any(isinstance(s, SeerAttention) for s in recipe.steps):
-        raise ValueError(f"recipe {recipe.name!r} has no seer_attention step: nothing to distill")
+        if any(getattr(s, "recover", None) is not None for s in recipe.steps):
+            return _distill_conversion(recipe, model, out, overwrite=overwrite, dtype=dtype, device=device)
+        raise ValueError(
+            f"recipe {recipe.name!r} has no seer_attention step and no conversion step with a recover: block: "
+            "nothing to distill"
+        )
     out = Path(out)
     if out.exists() and not overwrite:
         raise CheckpointError(f"output folder {out} already exists (pass --overwrite to replace it)")
@@ -557,11 +563,48 @@ def distill(
     return DistillReport(recipe.name, model, out, results, seconds, thresholds)
 
 
+def _distill_conversion(recipe, model: str, out, *, overwrite: bool, dtype, device) -> DistillReport:
+    """``attnkit distill`` of a conversion recipe: convert, recover by distillation from the original (under
+    accelerate), save; the loss curves go to ``<out>/train/``."""
+    from accelerate import Accelerator
+
+    from attnkit.checkpoint import CheckpointError, save
+    from attnkit.models import load_model
+    from attnkit.patch import apply
+    from attnkit.pipeline import _write_training_curves
+
+    out = Path(out)
+    if out.exists() and not overwrite:
+        raise CheckpointError(f"output folder {out} already exists (pass --overwrite to replace it)")
+    accelerator = Accelerator()
+    seconds: dict[str, float] = {}
+    start = time.perf_counter()
+    lm, tokenizer = load_model(model, dtype=dtype, device=device or str(accelerator.device))
+    seconds["load"] = time.perf_counter() - start
+    start = time.perf_counter()
+    apply(lm, recipe)
+    seconds["convert+recover"] = time.perf_counter() - start
+    if accelerator.is_main_process:
+        save(lm, out, tokenizer=tokenizer, overwrite=overwrite)
+        _write_training_curves(lm, out)
+    accelerator.wait_for_everyone()
+    results = list(getattr(lm, "attnkit_training", None) or [])
+    folder = out / "train"
+    for i, r in enumerate(results):
+        r.out_dir = folder / (f"step{i}" if len(results) > 1 else "")
+    return DistillReport(recipe.name, model, out, results, seconds)
+
+
 def _override_training(recipe, *, data: str | None, steps: int | None, seq_len: int | None):
     from attnkit.recipe import Recipe
 
     spec = recipe.to_dict()
     for step in spec["steps"]:
+        if step.get("recover") is not None:  # conversion steps: the flags set their recovery distillation
+            for key, value in (("data", data), ("steps", steps), ("seq_len", seq_len)):
+                if value is not None:
+                    step["recover"][key] = value
+            continue
         if step["method"] != SeerAttention.method_name:
             continue
         train = step.setdefault("train", {})

@@ -49,6 +49,11 @@ class RecoveryResult:
     seconds: float = 0.0
     tokens: int = 0  # tokens trained on, all processes
     trainable_parameters: int = 0
+    out_dir: Path | None = None  # where loss.jsonl / loss.png were written (set by the caller that wrote them)
+
+    @property
+    def tokens_per_second(self) -> float | None:
+        return self.tokens / self.seconds if self.seconds > 0 and self.tokens else None
 
     @property
     def plot_labels(self) -> dict[str, str]:
@@ -136,6 +141,7 @@ def recover(
     rank, world, main = accelerator.process_index, accelerator.num_processes, accelerator.is_main_process
     device = next(student.parameters()).device
     teacher.to(device).eval()
+    teacher.requires_grad_(False)  # the teacher is frozen (its weights are never trained)
     out = Path(out_dir) if out_dir is not None else None
 
     saved_flags = {p: p.requires_grad for p in student.parameters()}
