@@ -339,7 +339,15 @@ def inspect(checkpoint: Path = typer.Argument(..., help="an attnkit checkpoint f
     kv_bytes = 2 * layers * kv_heads * head_dim * elem
     console.print(f"[bold]{checkpoint}[/]: {config.get('architectures', ['?'])[0]}, {layers} layers, "
                   f"{config.get('num_attention_heads')} q / {kv_heads} kv heads, head_dim {head_dim}")
-    console.print(f"KV cache: {kv_bytes} bytes/token ({dtype}: 2 × {layers} layers × {kv_heads} heads × {head_dim} × {elem} B)")
+    mla = _mla_layer_values(block)
+    if mla:  # MLA layers cache latent + rope key instead of 2·Hkv·D values
+        plain = layers - len(mla)
+        kv_bytes = (2 * plain * kv_heads * head_dim + sum(mla.values())) * elem
+        console.print(f"KV cache: {kv_bytes} bytes/token ({dtype}: {len(mla)} MLA layers caching latent + rope key "
+                      f"({'/'.join(map(str, sorted(set(mla.values()))))} values), {plain} GQA layers × 2 × {kv_heads} heads "
+                      f"× {head_dim}; × {elem} B)")
+    else:
+        console.print(f"KV cache: {kv_bytes} bytes/token ({dtype}: 2 × {layers} layers × {kv_heads} heads × {head_dim} × {elem} B)")
     if block is None:
         console.print("no attnkit block: a plain (dense) checkpoint")
         return
@@ -361,6 +369,37 @@ def inspect(checkpoint: Path = typer.Argument(..., help="an attnkit checkpoint f
         if step["method"] == "streaming_llm" and step.get("evict", True):
             bound = step["sink"] + step["window"]
             console.print(f"    decode KV cache bounded at {bound} tokens = {bound * kv_bytes / 2**20:.1f} MiB per sequence")
+
+
+def _mla_layer_values(block: dict | None) -> dict[int, int]:
+    """Layer → values cached per token (latent rank + rope_dim) of a checkpoint's MLA layers ({} if none)."""
+    for step in (block or {}).get("recipe", {}).get("steps", []):
+        if step["method"] == "mla" and step.get("layer_ranks"):
+            return {int(i): int(r) + int(step["rope_dim"]) for i, r in step["layer_ranks"].items()}
+    return {}
+
+
+@app.command()
+def export(
+    checkpoint: Path = typer.Argument(..., help="an attnkit checkpoint of an MLA-converted model"),
+    out: Path = typer.Option(..., "--out", "-o", help="folder for the native checkpoint"),
+    format: str = typer.Option("deepseek-v3", "--format", help="deepseek-v3 (DeepseekV3ForCausalLM, dense MLPs)"),
+    overwrite: bool = typer.Option(False, "--overwrite", help="replace --out if it exists"),
+) -> None:
+    """Write an MLA checkpoint as a native DeepSeek-V3 checkpoint (plain from_pretrained, vLLM, SGLang)."""
+    import attnkit
+    from attnkit.convert.mla import export_deepseek_v3
+
+    if format != "deepseek-v3":
+        _fail(ValueError(f"unknown export format {format!r} (supported: deepseek-v3)"))
+    try:
+        model, tokenizer = attnkit.load(checkpoint)
+        report = export_deepseek_v3(model, out, tokenizer=tokenizer, overwrite=overwrite)
+    except (ValueError, FileNotFoundError, FileExistsError, RuntimeError) as err:
+        _fail(err)
+    exact = "exact" if report["exact"] else "approximate: " + "; ".join(report["approximations"])
+    console.print(f"DeepseekV3ForCausalLM written to {out}: kv_lora_rank {report['kv_lora_rank']}, "
+                  f"qk_rope_head_dim {report['qk_rope_head_dim']} ({exact})", soft_wrap=True, highlight=False)
 
 
 def _ranges(idxs: list[int]) -> str:

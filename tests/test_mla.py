@@ -209,3 +209,25 @@ def test_deepseek_v3_export_needs_every_layer(tmp_path):
     attnkit.apply(model, mla_recipe(kv_rank=20, rope_dim=8, layers=[0]), data=CALIBRATION_IDS)
     with pytest.raises(ValueError, match="needs every layer converted"):
         export_deepseek_v3(model, tmp_path / "ds")
+
+
+def test_cli_convert_inspect_export(tmp_path):
+    """`attnkit convert` with an MLA recipe file, `attnkit inspect` (MLA KV bytes), `attnkit export`."""
+    import yaml
+    from typer.testing import CliRunner
+
+    from attnkit.cli import app
+
+    recipe = tmp_path / "mla.yaml"
+    recipe.write_text(yaml.safe_dump(mla_recipe(kv_rank=20, rope_dim=8, latent_norm=True,
+                                                calibration_tokens=64, calibration_seq_len=64)))
+    runner = CliRunner(env={"COLUMNS": "200"})
+    result = runner.invoke(app, ["convert", "--recipe", str(recipe), "--model", "tiny-llama", "--out",
+                                 str(tmp_path / "ckpt"), "--no-eval"], catch_exceptions=False)
+    assert result.exit_code == 0, result.output
+    assert "mla: 2 layers, latent rank 20 + rope key 8; KV cache 256 → 112 bytes/token" in result.output
+    result = runner.invoke(app, ["inspect", str(tmp_path / "ckpt")], catch_exceptions=False)
+    assert "KV cache: 224 bytes/token (float32: 2 MLA layers caching latent + rope key (28 values)" in result.output
+    result = runner.invoke(app, ["export", str(tmp_path / "ckpt"), "--out", str(tmp_path / "ds")],
+                           catch_exceptions=False)
+    assert result.exit_code == 0 and "(exact)" in result.output, result.output
