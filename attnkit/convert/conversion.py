@@ -236,7 +236,8 @@ def run_conversions(model: PreTrainedModel, steps: list[ConversionMethod], data:
     """Run a recipe's conversion steps on ``model`` in order (what :func:`attnkit.apply` does first).
 
     With ``fit`` each step calibrates and rewrites the weights, then recovers by distillation when it has a
-    ``recover:`` block (the teacher: a copy of the model as it was before the step, dropped afterwards); what each
+    ``recover:`` block (the teacher: a copy of the model as it was before the step, dropped afterwards). ``data``,
+    when given, is the calibration text *and* the recovery text (instead of ``recover.data``); what each
     did is appended to ``model.attnkit_conversion`` and training curves to ``model.attnkit_training``. Without
     ``fit`` (``attnkit.load``) each step only restores the converted structure.
     """
@@ -257,7 +258,7 @@ def run_conversions(model: PreTrainedModel, steps: list[ConversionMethod], data:
         if teacher is not None:
             from attnkit.train.recover import recover
 
-            result = recover(model, teacher, step.recover)
+            result = recover(model, teacher, step.recover, data=data)
             report["recovery"] = {"steps": result.steps, "loss": result.loss, "tokens": result.tokens,
                                   "seconds": round(result.seconds, 3), "first_loss": result.first_loss}
             model.attnkit_training = [*(getattr(model, "attnkit_training", None) or []), result]
