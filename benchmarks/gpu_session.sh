@@ -88,7 +88,7 @@ case "$stage" in
   conversion-qwen)
     python3 -m benchmarks.conversion quality --model "$QWEN" --dtype float32 \
       --recipes gqa,mla,mla:kv_rank=192 --recover-steps 200 --seq-len 1024 --eval-tokens 8192 \
-      --tasks passkey,niah_single --task-lengths 4096,16384 --samples 10 \
+      --tasks passkey,niah_single --task-lengths 4096,16384 --samples 5 \
       --out "$OUT/conversion-qwen.json" 2>&1 | grep -v "it/s\]" | grep -v "━" | tail -40
     ;;
   conversion-decode)
