@@ -281,9 +281,26 @@ def evaluate(
         state = lm.attnkit_state
         name = model
     spec = state.recipe.eval
-    rows, density, seconds = compare_dense_patched(
-        lm, tokenizer, tasks or spec.tasks, lengths or spec.lengths, samples, show_progress=show_progress
-    )
+    from attnkit.convert.conversion import ConversionMethod
+
+    if any(isinstance(step, ConversionMethod) for step in state.recipe.steps):
+        # A converted model's "dense" mode is still converted: the baseline is the original model.
+        if checkpoint is not None:
+            raise CheckpointError(
+                f"{checkpoint} holds a converted model ({', '.join(s.method_name for s in state.recipe.steps)}), "
+                "whose baseline is the original model: evaluate with --model ORIGINAL --recipe RECIPE (or "
+                "attnkit convert), which score the original and the converted model on the same samples"
+            )
+        original, _ = load_model(model, dtype=dtype, device=device)
+        rows, seconds = compare_original_converted(
+            original, lm, tokenizer, tasks or spec.tasks, lengths or spec.lengths, samples, show_progress=show_progress
+        )
+        density = None
+        del original
+    else:
+        rows, density, seconds = compare_dense_patched(
+            lm, tokenizer, tasks or spec.tasks, lengths or spec.lengths, samples, show_progress=show_progress
+        )
     report = Report(state.recipe.name, name, Path(checkpoint) if checkpoint else None, state.layer_methods, density,
                     rows, seconds)
     if fidelity:
