@@ -299,7 +299,7 @@ class MLAAttention(nn.Module):
         """MQA over the latent: ``q_lat = B_kᵀ q_nope`` per head, values = the latent, then ``B_v`` per head."""
         layer = self.attnkit
         per = layer.q_heads // layer.kv_heads
-        w = layer.kv_b_proj.weight.view(layer.kv_heads, 2 * layer.head_dim, layer.rank)
+        w = _linear_weight(layer.kv_b_proj).view(layer.kv_heads, 2 * layer.head_dim, layer.rank)
         w_k, w_v = w[:, : layer.head_dim], w[:, layer.head_dim :]  # [Hkv, D, r]
         bsz, hq, sq, d = q_nope.shape
         q_lat = torch.einsum("bgpsd,gdr->bgpsr", q_nope.view(bsz, layer.kv_heads, per, sq, d), w_k)
@@ -308,6 +308,19 @@ class MLAAttention(nn.Module):
         out_lat = self._attend(query, key, latent, mask, dispatch=False)  # [B, Hq, Sq, r]
         out = torch.einsum("bgpsr,gdr->bgpsd", out_lat.view(bsz, layer.kv_heads, per, sq, layer.rank), w_v)
         return out.reshape(bsz, hq, sq, d)
+
+
+def _linear_weight(module: nn.Module) -> torch.Tensor:
+    """The weight a linear layer applies, LoRA adapters (peft, unmerged, during recovery) included."""
+    base = getattr(module, "base_layer", None)
+    if base is None:
+        return module.weight
+    weight = base.weight
+    if not getattr(module, "merged", False):
+        for name in module.active_adapters:
+            if name in module.lora_A:
+                weight = weight + module.get_delta_weight(name)
+    return weight
 
 
 # ------------------------------------------------------------------------------------------------ the math
