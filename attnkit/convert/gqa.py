@@ -8,8 +8,8 @@ A model with ``Hq`` query heads and ``Hkv`` KV heads of size ``D`` becomes one w
    ``a`` and ``b`` is ``E‖k_a − R k_b‖² / E‖k‖² + E‖v_a − Q v_b‖² / E‖v‖²`` (after the alignment below when
    ``align``), computed from second moments of the pre-RoPE projections; groups are formed greedily (seed = the
    unassigned head farthest from the rest, then its nearest unassigned heads).
-2. **Alignment** (``align``): before averaging, every head of a group is rotated onto the group's first head by an
-   orthogonal Procrustes rotation fitted on calibration activations, and the rotation is absorbed into the
+2. **Alignment** (``align``): before averaging, every head of a group is rotated onto the group's most central head
+   (least total merge cost to the others; listed first in the report's groups) by an orthogonal Procrustes rotation fitted on calibration activations, and the rotation is absorbed into the
    projections so that the model's function does not change (``rotate_heads``; tested). Values: any orthogonal
    ``Q`` (``v → Q v`` in ``v_proj``, ``Qᵀ`` into the ``o_proj`` columns of the head's queries): the closed form
    ``Q = W Uᵀ`` from the SVD ``E[v_b v_refᵀ] = U Σ Wᵀ``. Keys: RoPE rotates each pair of dimensions
@@ -105,11 +105,13 @@ class GQA(ConversionMethod):
         for idx, attention in enumerate(attentions):
             head_dim = attention.head_dim
             moments = stats[idx]["kv"] / stats[idx]["n"] if need_stats else None
+            cost = merge_costs(moments, kv_heads, head_dim, self.align) if need_stats else None
             if self.grouping == "activation":
-                cost = merge_costs(moments, kv_heads, head_dim, self.align)
                 groups = greedy_groups(cost, size)
             else:
                 groups = [list(range(g * size, (g + 1) * size)) for g in range(target)]
+            if self.align:  # the reference of each group (listed first) is its most central head
+                groups = [sorted(g, key=lambda h, g=g: (float(sum(cost[h, o] for o in g)), h)) for g in groups]
             layer_report: dict[str, Any] = {"groups": groups}
             if self.align:
                 key_rot, value_rot = alignment_rotations(moments, groups, kv_heads, head_dim)
@@ -204,7 +206,7 @@ def alignment_rotations(
     moments: torch.Tensor, groups: list[list[int]], kv_heads: int, head_dim: int
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """Per KV head, the key rotation (RoPE-commuting: one 2D rotation per frequency pair) and the value rotation
-    ``[Hkv, D, D]`` that map it onto its group's first head (identity for the first head)."""
+    ``[Hkv, D, D]`` that map it onto its group's first head, the reference (identity for the reference)."""
     eye = torch.eye(head_dim, dtype=torch.float64)
     key_rot = eye.repeat(kv_heads, 1, 1)
     value_rot = eye.repeat(kv_heads, 1, 1)
