@@ -9,6 +9,7 @@ from transformers import AutoModelForCausalLM
 
 import attnkit
 from attnkit.attention import attention_modules
+from attnkit.checkpoint import CheckpointError
 from attnkit.convert.conversion import kv_second_moments
 from attnkit.convert.gqa import GQA, alignment_rotations, rotate_heads
 from attnkit.recipe import RecipeError
@@ -140,6 +141,8 @@ def test_save_load_and_plain_from_pretrained(tiny, tmp_path):
     plain = AutoModelForCausalLM.from_pretrained(out, dtype=torch.float32).eval()
     assert plain.config.num_key_value_heads == 1
     torch.testing.assert_close(logits(plain, ids), converted, rtol=1e-6, atol=1e-6)
+    with pytest.raises(CheckpointError, match="baseline is the original model: evaluate with --model ORIGINAL"):
+        attnkit.evaluate(out)  # a converted checkpoint has no dense mode to compare with
 
 
 def test_kv_fraction_picks_the_largest_valid_count():
