@@ -22,7 +22,8 @@ Per converted layer, with ``Hq`` query heads, ``Hkv`` KV heads of size ``D`` (pr
    "value" of a transformers cache layer). Two equal paths (tested): *unabsorbed* expands ``c`` to per-head keys and
    values (a GQA attention with key size ``D + rope_dim``, run through attnkit's dispatcher, so prefill sparsity
    still composes); *absorbed* folds ``B_k`` into the query (``q_lat = B_kᵀ q_nope``) and ``B_v`` after the
-   attention, an MQA over the latent itself (``absorb: decode`` uses it for one-token steps).
+   attention, an MQA over the latent itself with the heads folded into the query rows, so the latent is never
+   copied per head (``absorb: decode`` uses it for one-token steps).
 
 Exact conversions (tested): ``rope_dim = Hkv·D`` with full rank reproduces the original logits; any setting's
 absorbed and unabsorbed paths agree, cached decoding equals the full forward, and ``attnkit.save`` → ``load``
@@ -278,11 +279,7 @@ class MLAAttention(nn.Module):
             return nn.functional.scaled_dot_product_attention(
                 query, key, value, attn_mask=mask, scale=self.scaling, enable_gqa=gqa)
         if dispatch and self.config._attn_implementation == "attnkit":
-            value_dim = value.shape[-1]
-            if self.attnkit.prefill is not None and value_dim != key.shape[-1]:
-                # attnkit's sparse kernels take keys and values of one size: pad the values, drop the padding after.
-                value = nn.functional.pad(value, (0, key.shape[-1] - value_dim))
-            return self.attnkit(query, key, value, mask, self.scaling)[..., :value_dim]
+            return self.attnkit(query, key, value, mask, self.scaling)
         return dense_attention(query, key, value, mask, self.scaling)
 
     def _unabsorbed(self, q_nope, q_rope, latent, k_rope, mask) -> torch.Tensor:
@@ -293,7 +290,27 @@ class MLAAttention(nn.Module):
         k_nope, value = kv.split([layer.head_dim, layer.head_dim], -1)
         key = torch.cat([k_nope, k_rope.expand(-1, layer.kv_heads, -1, -1)], -1)
         query = torch.cat([q_nope, q_rope], -1)
-        return self._attend(query, key, value, mask, dispatch=True)
+        # Fused SDPA kernels (flash) need equal key and value sizes: pad the values, drop the padding after.
+        out = self._attend(query, key, nn.functional.pad(value, (0, key.shape[-1] - value.shape[-1])), mask,
+                           dispatch=True)
+        return out[..., : layer.head_dim]
+
+    def _latent_attention(self, query, key, latent, key_padding_mask) -> torch.Tensor:
+        """Attention of every head over the one latent "head" without copying it per head: the heads are folded
+        into the query rows (``[B, 1, Hq·Sq, ·]``), so SDPA sees a single KV head. Causal rows: query ``s`` of a
+        chunk of ``Sq`` sees keys ``≤ Sk − Sq + s``."""
+        bsz, hq, sq, e = query.shape
+        sk = key.shape[-2]
+        mask = None
+        if sq > 1:
+            causal = torch.ones(sq, sk, dtype=torch.bool, device=query.device).tril(sk - sq)
+            mask = causal.repeat(hq, 1)[None, None]  # rows h·Sq + s
+        if key_padding_mask is not None:
+            pad = key_padding_mask[:, None, None, :].bool()
+            mask = pad if mask is None else mask & pad
+        out = nn.functional.scaled_dot_product_attention(
+            query.reshape(bsz, 1, hq * sq, e), key, latent, attn_mask=mask, scale=self.scaling)
+        return out.view(bsz, hq, sq, latent.shape[-1])
 
     def _absorbed(self, q_nope, q_rope, latent, k_rope, mask) -> torch.Tensor:
         """MQA over the latent: ``q_lat = B_kᵀ q_nope`` per head, values = the latent, then ``B_v`` per head."""
@@ -305,7 +322,10 @@ class MLAAttention(nn.Module):
         q_lat = torch.einsum("bgpsd,gdr->bgpsr", q_nope.view(bsz, layer.kv_heads, per, sq, d), w_k)
         query = torch.cat([q_lat.reshape(bsz, hq, sq, layer.rank), q_rope], -1)
         key = torch.cat([latent, k_rope], -1)
-        out_lat = self._attend(query, key, latent, mask, dispatch=False)  # [B, Hq, Sq, r]
+        if mask is not None and mask.dim() == 4:
+            out_lat = self._attend(query, key, latent, mask, dispatch=False)  # [B, Hq, Sq, r]
+        else:
+            out_lat = self._latent_attention(query, key, latent, mask)
         out = torch.einsum("bgpsr,gdr->bgpsd", out_lat.view(bsz, layer.kv_heads, per, sq, layer.rank), w_v)
         return out.reshape(bsz, hq, sq, d)
 
