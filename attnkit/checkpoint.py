@@ -100,7 +100,20 @@ def load(
     if not config_path.is_file():
         raise CheckpointError(f"{path} is not a checkpoint folder (no config.json)")
     block = json.loads(config_path.read_text()).get("attnkit")
-    model, tokenizer = load_model(str(path), dtype=dtype, device=device)
+    replaced = any(step.get("method") == "mla" for step in ((block or {}).get("recipe") or {}).get("steps", []))
+    if replaced:
+        # An MLA checkpoint has no k/v/q/o_proj for its converted layers (their weights are in attnkit.safetensors
+        # and load below): transformers' report of those "missing" weights is expected, not a problem.
+        from transformers.utils import logging as hf_logging
+
+        verbosity = hf_logging.get_verbosity()
+        hf_logging.set_verbosity_error()
+        try:
+            model, tokenizer = load_model(str(path), dtype=dtype, device=device)
+        finally:
+            hf_logging.set_verbosity(verbosity)
+    else:
+        model, tokenizer = load_model(str(path), dtype=dtype, device=device)
     if hasattr(model.config, "attnkit"):
         # The block describes this folder; it must not follow the model into a later plain save_pretrained.
         del model.config.attnkit

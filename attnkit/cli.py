@@ -59,8 +59,28 @@ def print_report(report) -> None:
         )
         console.print(f"fidelity @{f['length']}: KL {f['kl']:.4f}, top-1 {f['top1_agreement']:.3f}, "
                       f"NLL {f['nll_dense']:.3f} → {f['nll_patched']:.3f}{recall}", soft_wrap=True)
+    for conversion in getattr(report, "conversion", []) or []:
+        console.print(_describe_conversion(conversion), soft_wrap=True, highlight=False)
     if getattr(report, "report_dir", None):
         console.print(f"run folder: {report.report_dir} (results.json, summary.md, plots)", soft_wrap=True)
+
+
+def _describe_conversion(conversion: dict) -> str:
+    """One or two lines per conversion step: what changed, the KV bytes per token, the recovery's loss."""
+    if conversion["method"] == "gqa":
+        before, after = conversion["kv_heads"]
+        text = f"gqa: {before} → {after} KV heads"
+    else:
+        ranks = sorted({layer["rank"] for layer in conversion["layers"].values()})
+        rope = next(iter(conversion["layers"].values()))["rope_dim"] if conversion["layers"] else 0
+        text = f"mla: {len(conversion['layers'])} layers, latent rank {'/'.join(map(str, ranks))} + rope key {rope}"
+    kv = conversion["kv_bytes_per_token"]
+    text += f"; KV cache {kv['before']} → {kv['after']} bytes/token in bf16 ({kv['after'] / kv['before'] - 1:+.0%})"
+    recovery = conversion.get("recovery")
+    if recovery:
+        text += (f"\n  recovery: {recovery['steps']} steps, {recovery['tokens']:,} tokens, {recovery['seconds']:.0f} s, "
+                 f"loss {recovery['first_loss']:.4f} → {recovery['loss']:.4f}")
+    return text
 
 
 @app.command()
@@ -322,7 +342,15 @@ def inspect(checkpoint: Path = typer.Argument(..., help="an attnkit checkpoint f
     kv_bytes = 2 * layers * kv_heads * head_dim * elem
     console.print(f"[bold]{checkpoint}[/]: {config.get('architectures', ['?'])[0]}, {layers} layers, "
                   f"{config.get('num_attention_heads')} q / {kv_heads} kv heads, head_dim {head_dim}")
-    console.print(f"KV cache: {kv_bytes} bytes/token ({dtype}: 2 × {layers} layers × {kv_heads} heads × {head_dim} × {elem} B)")
+    mla = _mla_layer_values(block)
+    if mla:  # MLA layers cache latent + rope key instead of 2·Hkv·D values
+        plain = layers - len(mla)
+        kv_bytes = (2 * plain * kv_heads * head_dim + sum(mla.values())) * elem
+        console.print(f"KV cache: {kv_bytes} bytes/token ({dtype}: {len(mla)} MLA layers caching latent + rope key "
+                      f"({'/'.join(map(str, sorted(set(mla.values()))))} values), {plain} GQA layers × 2 × {kv_heads} heads "
+                      f"× {head_dim}; × {elem} B)")
+    else:
+        console.print(f"KV cache: {kv_bytes} bytes/token ({dtype}: 2 × {layers} layers × {kv_heads} heads × {head_dim} × {elem} B)")
     if block is None:
         console.print("no attnkit block: a plain (dense) checkpoint")
         return
@@ -344,6 +372,37 @@ def inspect(checkpoint: Path = typer.Argument(..., help="an attnkit checkpoint f
         if step["method"] == "streaming_llm" and step.get("evict", True):
             bound = step["sink"] + step["window"]
             console.print(f"    decode KV cache bounded at {bound} tokens = {bound * kv_bytes / 2**20:.1f} MiB per sequence")
+
+
+def _mla_layer_values(block: dict | None) -> dict[int, int]:
+    """Layer → values cached per token (latent rank + rope_dim) of a checkpoint's MLA layers ({} if none)."""
+    for step in (block or {}).get("recipe", {}).get("steps", []):
+        if step["method"] == "mla" and step.get("layer_ranks"):
+            return {int(i): int(r) + int(step["rope_dim"]) for i, r in step["layer_ranks"].items()}
+    return {}
+
+
+@app.command()
+def export(
+    checkpoint: Path = typer.Argument(..., help="an attnkit checkpoint of an MLA-converted model"),
+    out: Path = typer.Option(..., "--out", "-o", help="folder for the native checkpoint"),
+    format: str = typer.Option("deepseek-v3", "--format", help="deepseek-v3 (DeepseekV3ForCausalLM, dense MLPs)"),
+    overwrite: bool = typer.Option(False, "--overwrite", help="replace --out if it exists"),
+) -> None:
+    """Write an MLA checkpoint as a native DeepSeek-V3 checkpoint (plain from_pretrained, vLLM, SGLang)."""
+    import attnkit
+    from attnkit.convert.mla import export_deepseek_v3
+
+    if format != "deepseek-v3":
+        _fail(ValueError(f"unknown export format {format!r} (supported: deepseek-v3)"))
+    try:
+        model, tokenizer = attnkit.load(checkpoint)
+        report = export_deepseek_v3(model, out, tokenizer=tokenizer, overwrite=overwrite)
+    except (ValueError, FileNotFoundError, FileExistsError, RuntimeError) as err:
+        _fail(err)
+    exact = "exact" if report["exact"] else "approximate: " + "; ".join(report["approximations"])
+    console.print(f"DeepseekV3ForCausalLM written to {out}: kv_lora_rank {report['kv_lora_rank']}, "
+                  f"qk_rope_head_dim {report['qk_rope_head_dim']} ({exact})", soft_wrap=True, highlight=False)
 
 
 def _ranges(idxs: list[int]) -> str:

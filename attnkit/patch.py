@@ -16,6 +16,7 @@ from typing import Any
 from transformers import PreTrainedModel
 
 from attnkit.attention import ATTN_IMPLEMENTATION, AttnkitAttention, attention_modules, attnkit_layers
+from attnkit.convert.conversion import ConversionMethod, run_conversions
 from attnkit.recipe import Recipe, RecipeError
 
 
@@ -90,7 +91,9 @@ def apply(model: PreTrainedModel, recipe: Recipe | str | dict, data: Any = None,
         model: a transformers causal LM using the attention interface (Llama/Qwen2-style).
         recipe: a :class:`Recipe`, a built-in recipe name, a YAML path or a dict.
         data: calibration / training data for methods that need it (passed to ``Method.fit``).
-        fit: run the methods' calibration/training (``attnkit.load`` restores without refitting).
+        fit: run the methods' calibration/training (``attnkit.load`` restores without refitting). Conversion steps
+            (:mod:`attnkit.convert`) run first: with ``fit`` they rewrite the weights (and recover, if asked),
+            without it they only rebuild the converted structure for the saved weights.
     """
     from attnkit.models import check_supported
 
@@ -98,6 +101,13 @@ def apply(model: PreTrainedModel, recipe: Recipe | str | dict, data: Any = None,
     check_supported(model)
     if is_patched(model):
         raise RuntimeError("model is already patched by attnkit; call attnkit.unpatch(model) first")
+    conversions = [step for step in recipe.steps if isinstance(step, ConversionMethod)]
+    if conversions:
+        # Conversions rewrite the model (or, from a checkpoint, rebuild its converted structure) before anything is
+        # attached; they record what they chose (e.g. MLA ranks) in their step, so work on a copy of the recipe.
+        recipe = recipe.model_copy(deep=True)
+        conversions = [step for step in recipe.steps if isinstance(step, ConversionMethod)]
+        run_conversions(model, conversions, data, fit)
     attentions = attention_modules(model)
     num_layers = len(attentions)
 
@@ -126,13 +136,19 @@ def apply(model: PreTrainedModel, recipe: Recipe | str | dict, data: Any = None,
 
     reference = next(model.parameters())
     for idx, layer in built.items():
-        attentions[idx].attnkit = layer.to(device=reference.device)
+        existing = getattr(attentions[idx], "attnkit", None)
+        if getattr(existing, "converted", False):  # a converted layer (MLA) keeps its module; methods join it
+            existing.prefill = None if layer.prefill is None else layer.prefill.to(device=reference.device)
+            existing.decode = None if layer.decode is None else layer.decode.to(device=reference.device)
+        else:
+            attentions[idx].attnkit = layer.to(device=reference.device)
     model.attnkit_state = PatchState(recipe, model.config._attn_implementation, layer_methods)
     model.attnkit_stats = AttnkitStats(model)
     model.set_attn_implementation(ATTN_IMPLEMENTATION)
     if fit:
         for step in recipe.steps:
-            step.fit(model, data)
+            if not isinstance(step, ConversionMethod):
+                step.fit(model, data)
     return model
 
 
@@ -142,7 +158,9 @@ def unpatch(model: PreTrainedModel) -> PreTrainedModel:
     if state is None:
         return model
     for attention in attention_modules(model):
-        if hasattr(attention, "attnkit"):
+        if getattr(getattr(attention, "attnkit", None), "converted", False):
+            attention.attnkit.prefill = attention.attnkit.decode = None  # converted weights stay (no way back)
+        elif hasattr(attention, "attnkit"):
             del attention.attnkit
     model.set_attn_implementation(state.dense_implementation)
     model.attnkit_state = None

@@ -35,6 +35,7 @@ class Report:
     seconds: dict[str, float] = field(default_factory=dict)
     report_dir: Path | None = None  # the run folder (results.json, summary.md, plots), when one was written
     fidelity: list[dict[str, Any]] = field(default_factory=list)  # attnkit.eval.fidelity.fidelity_at_lengths rows
+    conversion: list[dict[str, Any]] = field(default_factory=list)  # what each conversion step did (gqa, mla)
 
     def methods_summary(self) -> str:
         names = sorted({name for methods in self.layer_methods.values() for name in methods.values()})
@@ -106,6 +107,21 @@ def convert(
         seconds["save"] = time.perf_counter() - start
         _write_training_curves(lm, Path(out))
     report = Report(recipe.name, model, Path(out) if out else None, lm.attnkit_state.layer_methods, None)
+    report.conversion = list(getattr(lm, "attnkit_conversion", None) or [])
+    if evaluate and report.conversion:
+        # A converted model's baseline is the original model (its "dense" mode is the converted one): load it again.
+        spec = recipe.eval
+        original, _ = load_model(model, dtype=dtype, device=device)
+        rows, eval_seconds = compare_original_converted(
+            original, lm, tokenizer, tasks or spec.tasks, lengths or spec.lengths, samples or spec.samples,
+            show_progress=show_progress,
+        )
+        report.rows = rows
+        seconds.update(eval_seconds)
+        del original
+        if out is not None:
+            report.report_dir = _write_eval_run(Path(out) / "eval", report, lm)
+        evaluate = False
     if evaluate:
         spec = recipe.eval
         rows, density, eval_seconds = compare_dense_patched(
@@ -126,6 +142,29 @@ def convert(
     return report
 
 
+def compare_original_converted(
+    original: PreTrainedModel,
+    converted: PreTrainedModel,
+    tokenizer: PreTrainedTokenizerBase,
+    tasks: list[str],
+    lengths: list[int],
+    samples: int,
+    seed: int = 0,
+    show_progress: bool = True,
+) -> tuple[list[Any], dict[str, float]]:
+    """Score the original model and the converted one on the same samples; rows read "dense" = original."""
+    from attnkit.eval.harness import compare, run_tasks
+
+    seconds = {}
+    start = time.perf_counter()
+    base = run_tasks(original, tokenizer, tasks, lengths, samples=samples, seed=seed, show_progress=show_progress)
+    seconds["eval_original"] = time.perf_counter() - start
+    start = time.perf_counter()
+    new = run_tasks(converted, tokenizer, tasks, lengths, samples=samples, seed=seed, show_progress=show_progress)
+    seconds["eval_converted"] = time.perf_counter() - start
+    return compare(base, new), seconds
+
+
 def _write_training_curves(model: PreTrainedModel, out: Path) -> None:
     """Write the loss history of every training the recipe ran (``model.attnkit_training``, e.g. SeerAttention's
     gate distillation) to ``out/train/loss.jsonl`` and ``loss.png`` (``out/train/stepN/`` when several trained)."""
@@ -137,7 +176,7 @@ def _write_training_curves(model: PreTrainedModel, out: Path) -> None:
         folder.mkdir(parents=True, exist_ok=True)
         jsonl = folder / "loss.jsonl"
         jsonl.write_text("".join(json.dumps(row) + "\n" for row in result.history))
-        plot_loss(jsonl, folder / "loss.png")
+        plot_loss(jsonl, folder / "loss.png", **getattr(result, "plot_labels", {}))
 
 
 @dataclass
@@ -242,9 +281,26 @@ def evaluate(
         state = lm.attnkit_state
         name = model
     spec = state.recipe.eval
-    rows, density, seconds = compare_dense_patched(
-        lm, tokenizer, tasks or spec.tasks, lengths or spec.lengths, samples, show_progress=show_progress
-    )
+    from attnkit.convert.conversion import ConversionMethod
+
+    if any(isinstance(step, ConversionMethod) for step in state.recipe.steps):
+        # A converted model's "dense" mode is still converted: the baseline is the original model.
+        if checkpoint is not None:
+            raise CheckpointError(
+                f"{checkpoint} holds a converted model ({', '.join(s.method_name for s in state.recipe.steps)}), "
+                "whose baseline is the original model: evaluate with --model ORIGINAL --recipe RECIPE (or "
+                "attnkit convert), which score the original and the converted model on the same samples"
+            )
+        original, _ = load_model(model, dtype=dtype, device=device)
+        rows, seconds = compare_original_converted(
+            original, lm, tokenizer, tasks or spec.tasks, lengths or spec.lengths, samples, show_progress=show_progress
+        )
+        density = None
+        del original
+    else:
+        rows, density, seconds = compare_dense_patched(
+            lm, tokenizer, tasks or spec.tasks, lengths or spec.lengths, samples, show_progress=show_progress
+        )
     report = Report(state.recipe.name, name, Path(checkpoint) if checkpoint else None, state.layer_methods, density,
                     rows, seconds)
     if fidelity:

@@ -102,6 +102,13 @@ class Recipe(BaseModel):
                     )
         return self
 
+    @model_validator(mode="after")
+    def _conversion_order(self) -> Recipe:
+        from attnkit.convert.conversion import check_conversion_order
+
+        check_conversion_order(self.steps)
+        return self
+
     # ------------------------------------------------------------------------------------------- loading
     @classmethod
     def load(cls, source: str | os.PathLike | dict | Recipe) -> Recipe:

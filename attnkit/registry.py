@@ -26,6 +26,8 @@ _BUILTIN_MODULES = (
     "attnkit.sparsify.flexprefill",
     "attnkit.sparsify.seer",
     "attnkit.sparsify.quest",
+    "attnkit.convert.gqa",
+    "attnkit.convert.mla",
 )
 _builtins_loaded = False
 

@@ -20,6 +20,11 @@
 #              dense SDPA and a naive gather; time per output token of a random 32-layer Llama-3-8B at 128K)
 #   quest-smol benchmarks.quality of Quest on the embedded model, 4K/8K, budgets 256/512/1024 (+1024 GQA-shared)
 #   quest-qwen benchmarks.quality of Quest on qwen, 16K/32K, budgets 1024/2048
+#   conversion benchmarks.conversion quality on the embedded model (SmolLM2 GGUF staged) and tiny-qwen2, fp32:
+#              NLL on held-out corpus + passkey/niah_single at 2K/4K, original / converted / recovered (200 steps)
+#   conversion-qwen  the same on qwen (GGUF staged), gqa (2 → 1 KV heads) and mla (latent 96 + rope 32, and 192 + 32)
+#   conversion-decode  benchmarks.conversion decode: llama3-8b shape (4 layers, random weights), original vs GQA
+#              8 → 2 vs MLA 512 + 64, 8K-128K at batch 1 and 8K/32K at batch 8
 #   store      keep every carried model part (.devstage/NAME/chunk, see ../shared/device/stage-model) in
 #              /root/attnkit-models/parts/NAME, so parts can arrive in any order, riding along other stages
 #   assemble   join the parts into the two GGUF files (s* -> SmolLM2, q* -> qwen) and check their SHA256
@@ -108,6 +113,26 @@ case "$stage" in
       --recipes "${RECIPES:-quest:token_budget=1024,quest:token_budget=2048}" \
       --lengths 16384,32768 --fidelity-lengths 16384 --tasks passkey,niah_single --samples 10 \
       --out "$OUT/quality-qwen-quest${TAG:+-$TAG}.json" 2>&1 | grep -v "it/s\]" | tail -40
+    ;;
+  conversion)
+    python3 -m benchmarks.conversion quality --model "$SMOL" --dtype float32 --recipes gqa,mla --recover-steps 200 \
+      --seq-len 1024 --eval-tokens 8192 --tasks passkey,niah_single --task-lengths 2048,4096 --samples 10 \
+      --out "$OUT/conversion-smol.json" 2>&1 | grep -v "it/s\]" | grep -v "━" | tail -40
+    python3 -m benchmarks.conversion quality --model tiny-qwen2 --dtype float32 \
+      --recipes gqa,mla:kv_rank=32:rope_dim=16 --recover-steps 200 --seq-len 1024 --eval-tokens 8192 --tasks "" \
+      --out "$OUT/conversion-tiny-qwen2.json" 2>&1 | grep -v "━" | tail -20
+    ;;
+  conversion-qwen)
+    python3 -m benchmarks.conversion quality --model "$QWEN" --dtype float32 \
+      --recipes gqa,mla,mla:kv_rank=192 --recover-steps 200 --seq-len 1024 --eval-tokens 8192 \
+      --tasks passkey,niah_single --task-lengths 4096,16384 --samples 5 \
+      --out "$OUT/conversion-qwen.json" 2>&1 | grep -v "it/s\]" | grep -v "━" | tail -40
+    ;;
+  conversion-decode)
+    python3 -m benchmarks.conversion decode --shape llama3-8b --layers 4 --dtype bfloat16 --lengths 8k,32k,64k,128k \
+      --batch 1 --out "$OUT/conversion-decode-b1.json" 2>&1 | tail -20
+    python3 -m benchmarks.conversion decode --shape llama3-8b --layers 4 --dtype bfloat16 --lengths 8k,32k \
+      --batch 8 --out "$OUT/conversion-decode-b8.json" 2>&1 | tail -12
     ;;
   *) echo "unknown stage $stage"; exit 2 ;;
 esac

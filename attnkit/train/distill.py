@@ -328,7 +328,7 @@ def _warmup_cosine(warmup: int, total: int):
 
 
 @contextlib.contextmanager
-def _progress(enabled: bool, total: int, start: int):
+def _progress(enabled: bool, total: int, start: int, label: str = "distilling gates"):
     """A rich progress bar with the running loss; yields ``advance(step, loss)``."""
     if not enabled:
         yield lambda step, loss: None
@@ -343,7 +343,7 @@ def _progress(enabled: bool, total: int, start: int):
     )
 
     columns = (
-        TextColumn("[bold]distilling gates"), BarColumn(), MofNCompleteColumn(), TextColumn("loss {task.fields[loss]}"),
+        TextColumn(f"[bold]{label}"), BarColumn(), MofNCompleteColumn(), TextColumn("loss {task.fields[loss]}"),
         TimeElapsedColumn(), TimeRemainingColumn(),
     )
     with Progress(*columns, transient=False) as progress:
@@ -409,7 +409,12 @@ def _write_history(path: Path, rows: list[dict[str, Any]]) -> None:
     path.write_text("".join(json.dumps(row) + "\n" for row in rows))
 
 
-def plot_loss(jsonl: str | os.PathLike, png: str | os.PathLike) -> Path | None:
+def plot_loss(
+    jsonl: str | os.PathLike,
+    png: str | os.PathLike,
+    title: str = "SeerAttention gate distillation (thin lines: layers)",
+    ylabel: str = "KL(target ‖ gate), nats per block row",
+) -> Path | None:
     """Plot ``loss.jsonl`` (total and per-layer losses against the step) into ``png``; None without matplotlib."""
     try:
         import matplotlib
@@ -427,10 +432,11 @@ def plot_loss(jsonl: str | os.PathLike, png: str | os.PathLike) -> Path | None:
     layers = sorted({k for r in rows for k in r.get("layers", {})}, key=int)
     for layer in layers:
         ax.plot(steps, [r["layers"].get(layer, float("nan")) for r in rows], lw=0.6, alpha=0.35)
-    ax.plot(steps, [r["loss"] / max(1, len(layers)) for r in rows], color="black", lw=2, label="mean over layers")
+    ax.plot(steps, [r["loss"] / max(1, len(layers)) for r in rows], color="black", lw=2,
+            label="mean over layers" if layers else "loss")
     ax.set_xlabel("step")
-    ax.set_ylabel("KL(target ‖ gate), nats per block row")
-    ax.set_title("SeerAttention gate distillation (thin lines: layers)")
+    ax.set_ylabel(ylabel)
+    ax.set_title(title)
     ax.set_yscale("log")
     ax.legend()
     fig.tight_layout()
@@ -463,7 +469,8 @@ class DistillReport:
             if r.peak_memory_mb is not None:
                 speed += f", peak {r.peak_memory_mb:,.0f} MB per GPU"
             loss = "n/a" if r.loss is None else f"{r.loss:.4f}"
-            lines.append(f"  gates {i}: {r.steps} steps, final loss {loss}{speed} ({r.seconds:.0f} s)")
+            what = "gates" if isinstance(r, DistillResult) else "recovery"
+            lines.append(f"  {what} {i}: {r.steps} steps, final loss {loss}{speed} ({r.seconds:.0f} s)")
             calibrated = sorted(t for layer in (self.thresholds[i] if i < len(self.thresholds) else {}).values() for t in layer)
             if calibrated:
                 median = calibrated[len(calibrated) // 2]
@@ -521,7 +528,12 @@ def distill(
     if data is not None or steps is not None or seq_len is not None or batch_size is not None:
         recipe = _override_training(recipe, data=data, steps=steps, seq_len=seq_len, batch_size=batch_size)
     if not any(isinstance(s, SeerAttention) for s in recipe.steps):
-        raise ValueError(f"recipe {recipe.name!r} has no seer_attention step: nothing to distill")
+        if any(getattr(s, "recover", None) is not None for s in recipe.steps):
+            return _distill_conversion(recipe, model, out, overwrite=overwrite, dtype=dtype, device=device)
+        raise ValueError(
+            f"recipe {recipe.name!r} has no seer_attention step and no conversion step with a recover: block: "
+            "nothing to distill"
+        )
     out = Path(out)
     if out.exists() and not overwrite:
         raise CheckpointError(f"output folder {out} already exists (pass --overwrite to replace it)")
@@ -581,6 +593,38 @@ def distill(
     return DistillReport(recipe.name, model, out, results, seconds, thresholds, sharded)
 
 
+def _distill_conversion(recipe, model: str, out, *, overwrite: bool, dtype, device) -> DistillReport:
+    """``attnkit distill`` of a conversion recipe: convert, recover by distillation from the original (under
+    accelerate), save; the loss curves go to ``<out>/train/``."""
+    from accelerate import Accelerator
+
+    from attnkit.checkpoint import CheckpointError, save
+    from attnkit.models import load_model
+    from attnkit.patch import apply
+    from attnkit.pipeline import _write_training_curves
+
+    out = Path(out)
+    if out.exists() and not overwrite:
+        raise CheckpointError(f"output folder {out} already exists (pass --overwrite to replace it)")
+    accelerator = Accelerator()
+    seconds: dict[str, float] = {}
+    start = time.perf_counter()
+    lm, tokenizer = load_model(model, dtype=dtype, device=device or str(accelerator.device))
+    seconds["load"] = time.perf_counter() - start
+    start = time.perf_counter()
+    apply(lm, recipe)
+    seconds["convert+recover"] = time.perf_counter() - start
+    if accelerator.is_main_process:
+        save(lm, out, tokenizer=tokenizer, overwrite=overwrite)
+        _write_training_curves(lm, out)
+    accelerator.wait_for_everyone()
+    results = list(getattr(lm, "attnkit_training", None) or [])
+    folder = out / "train"
+    for i, r in enumerate(results):
+        r.out_dir = folder / (f"step{i}" if len(results) > 1 else "")
+    return DistillReport(recipe.name, model, out, results, seconds)
+
+
 def _override_training(
     recipe, *, data: str | None, steps: int | None, seq_len: int | None, batch_size: int | None = None
 ):
@@ -588,6 +632,11 @@ def _override_training(
 
     spec = recipe.to_dict()
     for step in spec["steps"]:
+        if step.get("recover") is not None:  # conversion steps: the flags set their recovery distillation
+            for key, value in (("data", data), ("steps", steps), ("seq_len", seq_len)):
+                if value is not None:
+                    step["recover"][key] = value
+            continue
         if step["method"] != SeerAttention.method_name:
             continue
         train = step.setdefault("train", {})
