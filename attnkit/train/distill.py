@@ -633,7 +633,7 @@ def _override_training(
     spec = recipe.to_dict()
     for step in spec["steps"]:
         if step.get("recover") is not None:  # conversion steps: the flags set their recovery distillation
-            for key, value in (("data", data), ("steps", steps), ("seq_len", seq_len)):
+            for key, value in (("data", data), ("steps", steps), ("seq_len", seq_len), ("batch_size", batch_size)):
                 if value is not None:
                     step["recover"][key] = value
             continue
