@@ -147,7 +147,7 @@ def calibrate(
 @app.command()
 def distill(
     recipe: str = typer.Option("seer_attention", "--recipe", "-r", help="built-in recipe name or YAML path with a "
-                               "seer_attention step"),
+                               "seer_attention or linearize step (hedgehog, lolcats)"),
     model: str = typer.Option("llama", "--model", "-m", help="alias (llama, qwen, tiny-llama), HF id, dir or .gguf"),
     out: Path = typer.Option(None, "--out", "-o", help="checkpoint folder (default runs/<recipe>-<model>-distilled)"),
     steps: int = typer.Option(None, help="optimizer steps (default: the recipe's train.steps)"),
@@ -159,7 +159,7 @@ def distill(
     dtype: str = typer.Option(None, help="float32 | bfloat16 | float16 (default fp32 on CPU, bf16 on GPU)"),
     device: str = typer.Option(None, help="cpu | cuda (default: accelerate's device for this process)"),
 ) -> None:
-    """Self-distil a recipe's SeerAttention gates (under accelerate) and save the checkpoint.
+    """Self-distil a recipe's SeerAttention gates or linear-attention feature maps (under accelerate) and save.
 
     Runs in one process, or on several GPUs with `accelerate launch -m attnkit distill ...`. The loss curve
     (loss.jsonl, loss.png) and the resumable state go to <out>/train/ (to <out>.train/ while running).

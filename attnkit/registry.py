@@ -25,6 +25,7 @@ _BUILTIN_MODULES = (
     "attnkit.sparsify.minference",
     "attnkit.sparsify.flexprefill",
     "attnkit.sparsify.seer",
+    "attnkit.convert.linearize",
 )
 _builtins_loaded = False
 

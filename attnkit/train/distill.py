@@ -79,6 +79,7 @@ class DistillResult:
     resumed_from: int = 0  # the step a saved state was resumed from (0: fresh)
     out_dir: Path | None = None
     tokens_this_run: int = 0  # tokens trained on by this call (all processes)
+    label: str = "gates"  # what was trained, for summaries (linearization: "attention transfer", "LoRA recovery")
 
     @property
     def tokens_per_second(self) -> float | None:
@@ -404,8 +405,11 @@ def _write_history(path: Path, rows: list[dict[str, Any]]) -> None:
     path.write_text("".join(json.dumps(row) + "\n" for row in rows))
 
 
-def plot_loss(jsonl: str | os.PathLike, png: str | os.PathLike) -> Path | None:
-    """Plot ``loss.jsonl`` (total and per-layer losses against the step) into ``png``; None without matplotlib."""
+def plot_loss(
+    jsonl: str | os.PathLike, png: str | os.PathLike, ylabel: str | None = None, title: str | None = None
+) -> Path | None:
+    """Plot ``loss.jsonl`` (total and per-layer losses against the step) into ``png``; None without matplotlib.
+    ``ylabel`` / ``title`` default to SeerAttention's gate distillation."""
     try:
         import matplotlib
 
@@ -424,8 +428,8 @@ def plot_loss(jsonl: str | os.PathLike, png: str | os.PathLike) -> Path | None:
         ax.plot(steps, [r["layers"].get(layer, float("nan")) for r in rows], lw=0.6, alpha=0.35)
     ax.plot(steps, [r["loss"] / max(1, len(layers)) for r in rows], color="black", lw=2, label="mean over layers")
     ax.set_xlabel("step")
-    ax.set_ylabel("KL(target ‖ gate), nats per block row")
-    ax.set_title("SeerAttention gate distillation (thin lines: layers)")
+    ax.set_ylabel(ylabel or "KL(target ‖ gate), nats per block row")
+    ax.set_title(title or "SeerAttention gate distillation (thin lines: layers)")
     ax.set_yscale("log")
     ax.legend()
     fig.tight_layout()
@@ -452,7 +456,7 @@ class DistillReport:
         for i, r in enumerate(self.results):
             speed = f", {r.tokens_per_second:,.0f} tokens/s" if r.tokens_per_second else ""
             loss = "n/a" if r.loss is None else f"{r.loss:.4f}"
-            lines.append(f"  gates {i}: {r.steps} steps, final loss {loss}{speed} ({r.seconds:.0f} s)")
+            lines.append(f"  {r.label} {i}: {r.steps} steps, final loss {loss}{speed} ({r.seconds:.0f} s)")
             calibrated = sorted(t for layer in (self.thresholds[i] if i < len(self.thresholds) else {}).values() for t in layer)
             if calibrated:
                 median = calibrated[len(calibrated) // 2]
@@ -499,6 +503,16 @@ def distill(
     from attnkit.recipe import Recipe
 
     recipe = Recipe.load(recipe)
+    if not any(isinstance(s, SeerAttention) for s in recipe.steps):
+        from attnkit.convert.linearize import Linearize
+
+        if any(isinstance(s, Linearize) for s in recipe.steps):  # linearization trains in its own module
+            from attnkit.train.linearize import distill as distill_linear
+
+            return distill_linear(
+                recipe, model, out, data=data, steps=steps, seq_len=seq_len, overwrite=overwrite, resume=resume,
+                dtype=dtype, device=device, show_progress=show_progress,
+            )
     if data is not None or steps is not None or seq_len is not None:
         recipe = _override_training(recipe, data=data, steps=steps, seq_len=seq_len)
     if not any(isinstance(s, SeerAttention) for s in recipe.steps):
