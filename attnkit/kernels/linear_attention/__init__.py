@@ -89,9 +89,9 @@ def window_linear_attention(
     eps: float = DEFAULT_EPS,
 ) -> torch.Tensor:
     """LoLCATs' sliding-window hybrid (see :mod:`.reference`): the explicit form for short calls (decode: the
-    buffer is at most ``window`` keys), the chunked form when ``Sq × L`` would exceed ``L × 2C``."""
-    sq, length = q.shape[2], k.shape[2]
-    if sq * length <= 2 * max(chunk_size, window) * length or sq <= max(chunk_size, window):
+    buffer is at most ``window`` keys) and queries up to ``2C``, the chunked form beyond (``C = max(chunk_size,
+    window)``)."""
+    if q.shape[2] <= 2 * max(chunk_size, window):
         return window_linear_attention_quadratic(
             q, k, v, q_feat, k_feat, window, window_factor, linear_factor, scale, state, key_padding_mask, eps
         )

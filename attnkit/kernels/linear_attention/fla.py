@@ -47,8 +47,7 @@ def linear_attention_chunked(
     runs in (default ``v``'s); the output is float32 like the reference's."""
     from fla.ops.linear_attn import chunk_linear_attn
 
-    batch, hq, seq, feat = q_feat.shape
-    hkv = k_feat.shape[1]
+    hq, hkv = q_feat.shape[1], k_feat.shape[1]
     groups = hq // hkv
     dtype = dtype or v.dtype
     q = q_feat.to(dtype).transpose(1, 2)
