@@ -324,7 +324,7 @@ def _warmup_cosine(warmup: int, total: int):
 
 
 @contextlib.contextmanager
-def _progress(enabled: bool, total: int, start: int):
+def _progress(enabled: bool, total: int, start: int, label: str = "distilling gates"):
     """A rich progress bar with the running loss; yields ``advance(step, loss)``."""
     if not enabled:
         yield lambda step, loss: None
@@ -339,7 +339,7 @@ def _progress(enabled: bool, total: int, start: int):
     )
 
     columns = (
-        TextColumn("[bold]distilling gates"), BarColumn(), MofNCompleteColumn(), TextColumn("loss {task.fields[loss]}"),
+        TextColumn(f"[bold]{label}"), BarColumn(), MofNCompleteColumn(), TextColumn("loss {task.fields[loss]}"),
         TimeElapsedColumn(), TimeRemainingColumn(),
     )
     with Progress(*columns, transient=False) as progress:

@@ -330,7 +330,7 @@ def _train(
             start_step, history[-1]["loss"] if history else None, history, 0.0, tokens, start_step, out, label=label
         )
         started = time.perf_counter()
-        with _progress(show_progress and main, cfg.steps, start_step) as advance:
+        with _progress(show_progress and main, cfg.steps, start_step, label) as advance:
             for step in range(start_step, cfg.steps):
                 step_total, per_layer = torch.zeros((), device=device), {}
                 for _ in range(cfg.grad_accum):
