@@ -338,6 +338,14 @@ def inspect(checkpoint: Path = typer.Argument(..., help="an attnkit checkpoint f
     for step in recipe["steps"]:
         params = ", ".join(f"{k}={v}" for k, v in step.items() if k != "method")
         console.print(f"  {step['method']}: {params}")
+        if step["method"] == "linearize":
+            head_dim_or = int(head_dim)
+            kind, fd = step.get("feature_map", "hedgehog"), int(step.get("feature_dim", 64))
+            features = {"hedgehog": 2 * fd, "performer": fd, "elu": head_dim_or, "cosformer": 2 * head_dim_or}[kind]
+            state = kv_heads * features * (head_dim_or + 1) * 4  # fp32 Σφ(k)vᵀ and Σφ(k)
+            window = max(0, int(step.get("window", 0)) - 1) * 2 * kv_heads * head_dim_or * elem
+            console.print(f"    decode state per linearized layer: {(state + window) / 1024:.1f} KiB per sequence, "
+                          "constant in the context length")
         if step["method"] == "streaming_llm" and step.get("evict", True):
             bound = step["sink"] + step["window"]
             console.print(f"    decode KV cache bounded at {bound} tokens = {bound * kv_bytes / 2**20:.1f} MiB per sequence")

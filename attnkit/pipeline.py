@@ -137,7 +137,8 @@ def _write_training_curves(model: PreTrainedModel, out: Path) -> None:
         folder.mkdir(parents=True, exist_ok=True)
         jsonl = folder / "loss.jsonl"
         jsonl.write_text("".join(json.dumps(row) + "\n" for row in result.history))
-        plot_loss(jsonl, folder / "loss.png")
+        label = getattr(result, "label", "gates")
+        plot_loss(jsonl, folder / "loss.png", *(() if label == "gates" else ("loss", f"linearize: {label}")))
 
 
 @dataclass

@@ -239,3 +239,23 @@ def test_builtin_recipes_load():
         assert isinstance(step, Linearize) and step.feature_map == "hedgehog"
     assert Recipe.load("lolcats").steps[0].window == 64
     assert isinstance(LinearAttention, type)
+
+
+def test_cli_convert_and_inspect_a_linearized_checkpoint(tmp_path):
+    from typer.testing import CliRunner
+
+    from attnkit.cli import app
+
+    spec = tmp_path / "lin.yaml"
+    spec.write_text(
+        Recipe.load(recipe(window=4, transfer={"steps": 2, "seq_len": 32}, finetune={"steps": 1, "seq_len": 32})).to_yaml()
+    )
+    out = tmp_path / "ckpt"
+    runner = CliRunner(env={"COLUMNS": "200"})
+    result = runner.invoke(app, ["convert", "--recipe", str(spec), "--model", "tiny-llama", "--out", str(out), "--no-eval"])
+    assert result.exit_code == 0, result.output
+    assert (out / "train" / "step0" / "loss.jsonl").is_file() and (out / "train" / "step1" / "loss.jsonl").is_file()
+    shown = runner.invoke(app, ["inspect", str(out)])
+    assert shown.exit_code == 0 and "linearize" in shown.output and "decode state per linearized layer" in shown.output
+    reloaded, _ = attnkit.load(out)
+    assert set(linear_layers(reloaded)) == {0, 1}
