@@ -38,6 +38,7 @@ class Method(BaseModel):
     model_config = ConfigDict(extra="forbid", validate_assignment=True)
 
     method_name: ClassVar[str] = ""  # set by @attnkit.registry.register
+    replaces_attention: ClassVar[bool] = False  # computes its layers' attention itself (linearize): no prefill there
 
     layers: Literal["all"] | list[int] = Field(
         "all", description='layers this method patches: "all" or a list of indices (negative counts from the end)'

@@ -209,12 +209,18 @@ def test_distill_pipeline_writes_both_stages(tmp_path):
 def test_unsupported_combinations_fail_clearly():
     model = load()
     seer = {"method": "seer_attention", "layers": [1], "train": {"steps": 0, "seq_len": 128}}
-    with pytest.raises(RecipeError, match=r"layer 1: linearize replaces the attention.*seer_attention \(prefill\)"):
-        attnkit.apply(model, {**recipe(), "steps": [recipe()["steps"][0], seer]})
+    with pytest.raises(RecipeError, match=r"linearize replaces the attention.*seer_attention \(a sparse prefill"):
+        Recipe.load({**recipe(), "steps": [recipe()["steps"][0], seer]})  # at load time, from the layer lists
+    with pytest.raises(RecipeError, match="seer_attention"):
+        Recipe.load({**recipe(), "steps": [recipe(keep_softmax_every=2)["steps"][0], {**seer, "layers": [0, 1]}]})
+    Recipe.load({**recipe(), "steps": [recipe(keep_softmax_every=2)["steps"][0], seer]})  # layer 1 stays softmax
+    negative = {**recipe(), "steps": [recipe(layers=[0])["steps"][0], {**seer, "layers": [-2]}]}
+    with pytest.raises(RecipeError, match=r"layer 0: linearize replaces the attention.*seer_attention \(prefill\)"):
+        attnkit.apply(model, negative)  # -2 is layer 0 of this 2-layer model: only apply can tell
     assert not hasattr(model.model.layers[0].self_attn, "attnkit")  # nothing attached
     stream = {"method": "streaming_llm", "layers": [0], "sink": 4, "window": 8}
     with pytest.raises(RecipeError, match="streaming_llm"):
-        attnkit.apply(model, {**recipe(), "steps": [stream, recipe()["steps"][0]]})
+        Recipe.load({**recipe(), "steps": [stream, recipe()["steps"][0]]})
     # disjoint layers compose: a softmax layer may keep a sparse method
     attnkit.apply(model, {**recipe(layers=[0]), "steps": [recipe(layers=[0])["steps"][0], {**stream, "layers": [1]}]})
     attnkit.unpatch(model)

@@ -48,7 +48,7 @@ configured sliding window or packed sequences); ``cosformer`` positions count fr
 from __future__ import annotations
 
 import math
-from typing import Any, Literal
+from typing import Any, ClassVar, Literal
 
 import torch
 from pydantic import BaseModel, ConfigDict, Field, model_validator
@@ -140,6 +140,8 @@ class LoraFinetune(BaseModel):
 @register("linearize")
 class Linearize(Method):
     """Linear attention with distilled feature maps (Hedgehog), optionally with a softmax window (LoLCATs)."""
+
+    replaces_attention: ClassVar[bool] = True
 
     feature_map: FeatureMapName = Field("hedgehog", description="hedgehog | elu | performer | cosformer")
     feature_dim: int = Field(
