@@ -207,6 +207,23 @@ def test_empty_state_is_no_state():
 
 
 # ------------------------------------------------------------------------------------------------------ fla
+@pytest.mark.parametrize("groups", [1, 3])
+def test_fla_wrapper_layouts_gqa_and_state_on_cpu(groups, monkeypatch):
+    """The fla wrapper's transposes, GQA repeat, state in/out and fp32 normalizer, with fla's own naive recurrent
+    linear attention (plain PyTorch, same signature) standing in for its Triton kernel, which needs a GPU."""
+    fla_ops = pytest.importorskip("fla.ops.linear_attn")
+    naive = pytest.importorskip("fla.ops.linear_attn.naive")
+    from attnkit.kernels.linear_attention import fla as fla_backend
+
+    monkeypatch.setattr(fla_ops, "chunk_linear_attn", naive.naive_recurrent_linear_attn)
+    (q_feat, k_feat, v), state = inputs(2, 2 * groups, 2, 37, 8, 16, seed=12)
+    out, new_state = fla_backend.linear_attention_chunked(q_feat, k_feat, v, state, output_state=True)
+    ref, ref_state = linear_attention_chunked(q_feat, k_feat, v, state, output_state=True)
+    torch.testing.assert_close(out, ref, rtol=1e-5, atol=1e-5)
+    for a, b in zip(new_state, ref_state, strict=True):
+        torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-4)
+
+
 @gpu
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
 @pytest.mark.parametrize("case", [(1, 8, 8, 1025, 64, 64), (2, 14, 2, 777, 128, 64), (1, 32, 8, 4096, 128, 128)],

@@ -66,7 +66,7 @@ def causal_linear_attention(
     if name != "reference" and q_feat.is_cuda:
         reason = fla_backend.supports(q_feat)
         if reason is None and not torch.is_grad_enabled():
-            return fla_backend.linear_attention_chunked(q_feat, k_feat, v, state, True, output_state)
+            return fla_backend.linear_attention_chunked(q_feat, k_feat, v, state, output_state, eps)
         if reason is not None and reason not in _warned:
             _warned.add(reason)
             logger.warning("attnkit: linear attention runs the PyTorch reference on CUDA: %s", reason)
