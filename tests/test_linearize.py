@@ -265,3 +265,21 @@ def test_cli_convert_and_inspect_a_linearized_checkpoint(tmp_path):
     assert shown.exit_code == 0 and "linearize" in shown.output and "decode state per linearized layer" in shown.output
     reloaded, _ = attnkit.load(out)
     assert set(linear_layers(reloaded)) == {0, 1}
+
+
+def test_layer_by_layer_backward_equals_one_backward_of_the_sum():
+    from attnkit.train.linearize import transfer_losses
+
+    model = load("tiny-qwen2")
+    attnkit.apply(model, recipe(window=3), fit=False)
+    layers = linear_layers(model)
+    ids, _ = random_batch(model.config.vocab_size, 2, 24, seed=13)
+    params = [p for layer in layers.values() for p in layer.parameters()]
+    for p in params:
+        p.requires_grad_(True)
+    losses = transfer_losses(model, layers, ids)
+    grads_sum = torch.autograd.grad(sum(losses.values()) / len(losses), params)
+    eager = transfer_losses(model, layers, ids, backward_scale=1 / len(layers))
+    assert all(not v.requires_grad for v in eager.values())
+    for p, g in zip(params, grads_sum, strict=True):
+        torch.testing.assert_close(p.grad, g)

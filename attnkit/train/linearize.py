@@ -4,11 +4,13 @@
 ``torch.no_grad()`` with *softmax* attention (every linear-attention module is taken out of the dispatcher for the
 run, so each layer's inputs are the original model's, as in LoLCATs' attention transfer). A forward hook on each
 converted layer's ``AttnkitAttention`` module receives the layer's post-RoPE ``query``/``key``/``value`` and the
-softmax output (the teacher), runs the layer's linear attention on the same inputs with gradient (the student), and
-adds ``mse_weight · MSE(student, teacher)`` over the real query rows, plus, with ``xent_weight``, the cross-entropy
-between the softmax and linear attention weights (``S × S`` per head: keep ``seq_len`` short). The batch loss is the
-mean over layers. Only the feature maps and the window factors have ``requires_grad``; the autograd graph holds
-only each layer's feature maps and linear-attention intermediates.
+softmax output (the teacher), runs the layer's linear attention on the same inputs with gradient (the student),
+computes ``mse_weight · MSE(student, teacher)`` over the real query rows, plus, with ``xent_weight``, the
+cross-entropy between the softmax and linear attention weights (``S × S`` per head: keep ``seq_len`` short), and
+back-propagates it at once. The layers are trained all at once and layer by layer at the same time: their losses are
+independent (every layer sees the frozen model's inputs), so one forward serves all of them, and only one layer's
+autograd graph (its feature maps and linear-attention intermediates) is alive at a time. The logged loss is the
+mean over layers. Only the feature maps and the window factors have ``requires_grad``.
 
 **Stage 2, LoRA recovery** (:func:`finetune_lora`, optional). peft LoRA adapters on the attention projections
 (``q_proj``/``k_proj``/``v_proj``/``o_proj``), trained through the linearized model with the LM loss or by
@@ -122,8 +124,14 @@ def transfer_losses(
     attention_mask: torch.Tensor | None = None,
     mse_weight: float = 1.0,
     xent_weight: float = 0.0,
+    backward_scale: float | None = None,
 ) -> dict[int, torch.Tensor]:
-    """One softmax no-grad forward of ``model``; per converted layer the transfer loss (a scalar with gradient)."""
+    """One softmax no-grad forward of ``model``; per converted layer the transfer loss (a scalar with gradient).
+
+    With ``backward_scale``, each layer's ``loss · backward_scale`` is back-propagated inside its hook, as soon as
+    it is computed, and the returned losses are detached: only one layer's autograd graph is alive at a time (the
+    layers' losses are independent, each layer seeing the frozen model's inputs, so the gradients are the same as
+    one backward of the sum)."""
     attentions = attention_modules(model)
     losses: dict[int, torch.Tensor] = {}
 
@@ -133,7 +141,11 @@ def transfer_losses(
             kpm = args[3] if len(args) > 3 else kwargs.get("key_padding_mask")
             scale = args[4] if len(args) > 4 else kwargs.get("scale")
             with torch.enable_grad():
-                losses[idx] = transfer_loss(layer, query, key, value, output, kpm, scale, mse_weight, xent_weight)
+                loss = transfer_loss(layer, query, key, value, output, kpm, scale, mse_weight, xent_weight)
+                if backward_scale is not None:
+                    (loss * backward_scale).backward()
+                    loss = loss.detach()
+                losses[idx] = loss
 
         return run
 
@@ -186,7 +198,9 @@ def transfer_attention(
         )
 
     def step_loss(ids: torch.Tensor) -> tuple[torch.Tensor, dict[int, torch.Tensor]]:
-        losses = transfer_losses(model, layers, ids, None, cfg.mse_weight, cfg.xent_weight)
+        # layer by layer: each layer's graph is freed right after its backward (see transfer_losses)
+        scale = 1.0 / (len(layers) * cfg.grad_accum)
+        losses = transfer_losses(model, layers, ids, None, cfg.mse_weight, cfg.xent_weight, backward_scale=scale)
         return sum(losses.values()) / len(losses), losses
 
     return _train(
@@ -336,7 +350,8 @@ def _train(
                 for _ in range(cfg.grad_accum):
                     ids = next(stream).to(device)
                     loss, parts = step_loss(ids)
-                    (loss / cfg.grad_accum).backward()
+                    if loss.requires_grad:  # stage 1 back-propagates layer by layer inside step_loss
+                        (loss / cfg.grad_accum).backward()
                     step_total += loss.detach() / cfg.grad_accum
                     for idx, value in parts.items():
                         per_layer[idx] = per_layer.get(idx, 0.0) + value.detach() / cfg.grad_accum
