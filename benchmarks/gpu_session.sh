@@ -12,10 +12,11 @@
 #              (both: RECIPES=a,b,... overrides the recipe list, TAG=name the JSON's suffix)
 #   bench-qwen attnkit bench on qwen at 16K/32K on corpus text, each dynamic method vs dense (selection/gate cost
 #              included); RECIPES overrides the list
-#   linear     linear attention (issue 9): the fla GPU test, benchmarks.linear (attention-level prefill and decode,
-#              dense SDPA vs attnkit linear vs fla's kernel vs the PyTorch references, 4K-128K), then attnkit bench
-#              on a random llama3-8b shape (4 layers), dense vs linear and vs the LoLCATs window hybrid, 4K-128K
-#              (needs the fla-core, flash-linear-attention and einops wheels in .whl/)
+#   linear     linear attention (issue 9): the linear-attention GPU tests (fla vs the reference) and
+#              benchmarks.linear (attention level: prefill and decode, dense SDPA vs attnkit linear vs fla's kernel vs
+#              the PyTorch references, 4K-128K); needs the fla-core, flash-linear-attention and einops wheels in .whl/
+#   linear-bench  attnkit bench on a random llama3-8b shape (4 layers): dense vs linear (RECIPE=linear-untrained) or
+#              vs the LoLCATs window hybrid (RECIPE=lolcats-untrained), TTFT/TPOT/peak memory/KV bytes, 4K-128K
 #   linear-smol  benchmarks.linear_quality on the embedded model (GGUF staged): dense vs hedgehog vs lolcats vs the
 #              lolcats layer hybrid, held-out NLL and task scores at 1K/2K, with training tokens and time
 #   store      keep every carried model part (.devstage/NAME/chunk, see ../shared/device/stage-model) in
@@ -81,10 +82,11 @@ case "$stage" in
   linear)
     python3 -m pytest -q -p no:cacheprovider tests/test_linear_attention.py -k fla 2>&1 | tail -5
     python3 -m benchmarks.linear --out "$OUT/linear.json" 2>&1 | tail -32
-    for r in linear-untrained lolcats-untrained; do
-      python3 -m attnkit bench --shape llama3-8b --layers 4 --recipe "benchmarks/recipes/$r.yaml" \
-        --lengths 4k,16k,32k,64k,128k --new-tokens 32 --out "$OUT/bench-$r" 2>&1 | grep -v "it/s\]" | tail -18
-    done
+    ;;
+  linear-bench)
+    r=${RECIPE:-linear-untrained}
+    python3 -m attnkit bench --shape llama3-8b --layers 4 --recipe "benchmarks/recipes/$r.yaml" \
+      --lengths 4k,16k,32k,64k,128k --new-tokens 32 --out "$OUT/bench-$r" 2>&1 | grep -v "it/s\]" | tail -18
     ;;
   linear-smol)
     python3 -m benchmarks.linear_quality --model "$SMOL" --dtype float32 \
