@@ -42,7 +42,8 @@ whole cached history (no memory saving).
 
 Limits: attention dropout is not supported (``model.eval()``); the model's mask must be causal + padding (no
 configured sliding window or packed sequences); ``cosformer`` positions count from the first slot of the batch
-(left padding shifts them); a linearized layer cannot also carry a sparse prefill or decode method.
+(left padding shifts them); a linearized layer cannot also carry a sparse prefill or decode method; after stage 2
+the model's q/k/v/o weights are the LoRA-merged ones (``attnkit.unpatch`` does not bring the original weights back).
 """
 
 from __future__ import annotations
