@@ -287,3 +287,22 @@ def test_layer_by_layer_backward_equals_one_backward_of_the_sum():
     assert all(not v.requires_grad for v in eager.values())
     for p, g in zip(params, grads_sum, strict=True):
         torch.testing.assert_close(p.grad, g)
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
+@pytest.mark.parametrize("window", [0, 4])
+def test_gpu_linearized_model_fla_matches_reference_and_decodes(window, monkeypatch):
+    """On CUDA the prefill runs fla's kernel (no grad): same logits as the PyTorch reference, and cached decode
+    (recurrent steps) equals the full forward."""
+    model, _ = attnkit.load_model("tiny-qwen2", dtype="float32", device="cuda")
+    attnkit.apply(model, recipe(window=window, feature_dim=16))
+    ids, _ = random_batch(model.config.vocab_size, 2, 200, seed=14)
+    ids = ids.cuda()
+    with torch.no_grad():
+        fast = model(input_ids=ids).logits
+        monkeypatch.setenv("ATTNKIT_KERNELS", "reference")
+        reference = model(input_ids=ids).logits
+        monkeypatch.delenv("ATTNKIT_KERNELS")
+    assert ((fast - reference).norm() / reference.norm()) < 5e-3
+    incremental = incremental_logits(model, ids, 150, make_cache(model))
+    assert ((incremental - fast).norm() / fast.norm()) < 5e-3
