@@ -80,7 +80,7 @@ case "$stage" in
     done
     ;;
   linear)
-    python3 -m pytest -q -p no:cacheprovider tests/test_linear_attention.py 2>&1 | tail -5
+    python3 -m pytest -q -p no:cacheprovider tests/test_linear_attention.py tests/test_linearize.py -k "fla or gpu or agree" 2>&1 | tail -5
     python3 -m benchmarks.linear --out "$OUT/linear.json" 2>&1 | tail -32
     ;;
   linear-bench)
