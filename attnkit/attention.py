@@ -31,7 +31,7 @@ from transformers.utils import logging
 
 from attnkit.kernels import block_sparse_attention
 from attnkit.kernels.vertical_slash import VerticalSlashMask, vertical_slash_attention
-from attnkit.method import DecodeLayer, PrefillLayer
+from attnkit.method import DecodeLayer, PrefillLayer, ReplacementLayer
 
 logger = logging.get_logger(__name__)
 
@@ -80,6 +80,7 @@ class AttnkitAttention(nn.Module):
         self.layer_idx = layer_idx
         self.prefill: PrefillLayer | None = None
         self.decode: DecodeLayer | None = None
+        self.replacement: ReplacementLayer | None = None  # computes the whole attention (linear attention)
         self.stats: dict[str, Any] = {}
 
     def forward(
@@ -90,6 +91,8 @@ class AttnkitAttention(nn.Module):
         key_padding_mask: torch.Tensor | None,
         scale: float | None,
     ) -> torch.Tensor:
+        if self.replacement is not None:
+            return self.replacement(query, key, value, key_padding_mask, scale)
         sq, sk = query.shape[-2], key.shape[-2]
         if self.decode is not None:
             # A decode method's cache may have evicted keys: map the padding mask onto what is left.
@@ -131,6 +134,11 @@ def attnkit_attention(
     if dropout:
         raise ValueError("attnkit attention does not implement attention dropout; call model.eval() first")
     layer: AttnkitAttention | None = getattr(module, "attnkit", None)
+    if attention_mask is not None and attention_mask.dim() == 4 and layer is not None and layer.replacement is not None:
+        raise ValueError(
+            f"layer {layer.layer_idx}: the model's attention mask is not causal + padding (a sliding window or packed "
+            "sequences set in its config); linear attention cannot express it"
+        )
     if attention_mask is not None and attention_mask.dim() == 4:
         # A mask pattern attnkit cannot express as block lists (see the module docstring): dense, exactly.
         if layer is not None and layer.prefill is not None:

@@ -167,7 +167,7 @@ def calibrate(
 @app.command()
 def distill(
     recipe: str = typer.Option("seer_attention", "--recipe", "-r", help="built-in recipe name or YAML path with a "
-                               "seer_attention step"),
+                               "seer_attention or linearize step (hedgehog, lolcats)"),
     model: str = typer.Option("llama", "--model", "-m", help="alias (llama, qwen, tiny-llama), HF id, dir or .gguf"),
     out: Path = typer.Option(None, "--out", "-o", help="checkpoint folder (default runs/<recipe>-<model>-distilled)"),
     steps: int = typer.Option(None, help="optimizer steps (default: the recipe's train.steps)"),
@@ -182,7 +182,7 @@ def distill(
     fsdp: bool = typer.Option(False, "--fsdp", help="shard the frozen model with FSDP2 over the processes (automatic "
                               "under an accelerate FSDP2 config; the trained modules stay replicated)"),
 ) -> None:
-    """Self-distil a recipe's SeerAttention gates (under accelerate) and save the checkpoint.
+    """Self-distil a recipe's SeerAttention gates or linear-attention feature maps (under accelerate) and save.
 
     Runs in one process, or on several GPUs with `accelerate launch -m attnkit distill ...`. The loss curve
     (loss.jsonl, loss.png) and the resumable state go to <out>/train/ (to <out>.train/ while running).
@@ -369,6 +369,14 @@ def inspect(checkpoint: Path = typer.Argument(..., help="an attnkit checkpoint f
     for step in recipe["steps"]:
         params = ", ".join(f"{k}={v}" for k, v in step.items() if k != "method")
         console.print(f"  {step['method']}: {params}")
+        if step["method"] == "linearize":
+            head_dim_or = int(head_dim)
+            kind, fd = step.get("feature_map", "hedgehog"), int(step.get("feature_dim", 64))
+            features = {"hedgehog": 2 * fd, "performer": fd, "elu": head_dim_or, "cosformer": 2 * head_dim_or}[kind]
+            state = kv_heads * features * (head_dim_or + 1) * 4  # fp32 Σφ(k)vᵀ and Σφ(k)
+            window = max(0, int(step.get("window", 0)) - 1) * 2 * kv_heads * head_dim_or * elem
+            console.print(f"    decode state per linearized layer: {(state + window) / 1024:.1f} KiB per sequence, "
+                          "constant in the context length")
         if step["method"] == "streaming_llm" and step.get("evict", True):
             bound = step["sink"] + step["window"]
             console.print(f"    decode KV cache bounded at {bound} tokens = {bound * kv_bytes / 2**20:.1f} MiB per sequence")

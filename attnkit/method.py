@@ -38,6 +38,7 @@ class Method(BaseModel):
     model_config = ConfigDict(extra="forbid", validate_assignment=True)
 
     method_name: ClassVar[str] = ""  # set by @attnkit.registry.register
+    replaces_attention: ClassVar[bool] = False  # computes its layers' attention itself (linearize): no prefill there
 
     layers: Literal["all"] | list[int] = Field(
         "all", description='layers this method patches: "all" or a list of indices (negative counts from the end)'
@@ -68,8 +69,14 @@ class Method(BaseModel):
         """The module that shapes this layer's decode steps, or None if the method leaves decode alone."""
         return None
 
+    def make_replacement_layer(self, layer_idx: int, attention: nn.Module) -> ReplacementLayer | None:
+        """The module that computes this layer's attention itself (linear attention), or None. A layer with a
+        replacement has no prefill or decode method (``attnkit.apply`` refuses the combination)."""
+        return None
+
     def make_cache_layer(self, layer_idx: int) -> CacheLayerMixin:
-        """A fresh transformers Cache layer for one model layer (methods with a decode layer provide one)."""
+        """A fresh transformers Cache layer for one model layer (methods with a decode or replacement layer provide
+        one)."""
         raise NotImplementedError(f"{self.method_name} has a decode layer but no cache layer")
 
     def fit(self, model: PreTrainedModel, data: Any = None) -> None:
@@ -146,3 +153,17 @@ class DecodeLayer(nn.Module):
         default). A decode method that keeps metadata in its cache layer (Quest's page bounds) updates it here.
         """
         return None
+
+
+class ReplacementLayer(nn.Module):
+    """Per-layer module that replaces the layer's attention computation (linear attention, conversion methods).
+
+    ``forward(query [B, Hq, Sq, D], key, value [B, Hkv, Sk, D], key_padding_mask [B, Sk] | None, scale)`` returns
+    ``[B, Hq, Sq, D]``; it owns the whole computation at prefill and decode, and its method's
+    :meth:`Method.make_cache_layer` provides the cache layer it keeps its state in.
+    """
+
+    def __init__(self, method: Method, layer_idx: int):
+        super().__init__()
+        self.method = method
+        self.layer_idx = layer_idx

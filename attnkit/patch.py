@@ -122,7 +122,12 @@ def apply(model: PreTrainedModel, recipe: Recipe | str | dict, data: Any = None,
         for idx in indices:
             layer = built.setdefault(idx, AttnkitAttention(idx))
             names = layer_methods.setdefault(idx, {})
-            for slot, make in (("prefill", step.make_prefill_layer), ("decode", step.make_decode_layer)):
+            slots = (
+                ("prefill", step.make_prefill_layer),
+                ("decode", step.make_decode_layer),
+                ("replacement", step.make_replacement_layer),
+            )
+            for slot, make in slots:
                 module = make(idx, attentions[idx])
                 if module is None:
                     continue
@@ -133,6 +138,12 @@ def apply(model: PreTrainedModel, recipe: Recipe | str | dict, data: Any = None,
                     )
                 setattr(layer, slot, module)
                 names[slot] = step.method_name
+            if layer.replacement is not None and (layer.prefill is not None or layer.decode is not None):
+                others = [f"{names[s]} ({s})" for s in ("prefill", "decode") if s in names]
+                raise RecipeError(
+                    f"recipe {recipe.name!r}: layer {idx}: {names['replacement']} replaces the attention of this "
+                    f"layer, so {' and '.join(others)} cannot also run there; give them disjoint `layers:` lists"
+                )
 
     reference = next(model.parameters())
     for idx, layer in built.items():

@@ -176,7 +176,10 @@ def _write_training_curves(model: PreTrainedModel, out: Path) -> None:
         folder.mkdir(parents=True, exist_ok=True)
         jsonl = folder / "loss.jsonl"
         jsonl.write_text("".join(json.dumps(row) + "\n" for row in result.history))
-        plot_loss(jsonl, folder / "loss.png", **getattr(result, "plot_labels", {}))
+        labels = getattr(result, "plot_labels", None)  # recovery distillation
+        if labels is None and getattr(result, "label", "gates") != "gates":  # linearization stages
+            labels = {"ylabel": "loss", "title": f"linearize: {result.label}"}
+        plot_loss(jsonl, folder / "loss.png", **(labels or {}))
 
 
 @dataclass

@@ -109,6 +109,29 @@ class Recipe(BaseModel):
         check_conversion_order(self.steps)
         return self
 
+    @model_validator(mode="after")
+    def _no_sparse_prefill_on_replaced_layers(self) -> Recipe:
+        # A method that replaces a layer's attention (linearize) leaves no softmax prefill to sparsify there. Checked
+        # here where the layer lists decide it without the model; attnkit.apply checks every case with the model.
+        replacing = [s for s in self.steps if getattr(s, "replaces_attention", False)]
+        prefill = [s for s in self.steps if isinstance(s, PrefillMethod)]
+        for r in replacing:
+            keep = getattr(r, "keep_softmax_every", 0)
+            for p in prefill:
+                if p.layers == "all":
+                    clash = True
+                elif r.layers == "all":  # every layer but every keep-th one: clashes unless p names only those
+                    clash = not keep or any(i >= 0 and (i + 1) % keep for i in p.layers)
+                else:
+                    ours = {i for i in r.layers if i < 0 or not keep or (i + 1) % keep}
+                    clash = bool(ours & set(p.layers))
+                if clash:
+                    raise ValueError(
+                        f"steps: {r.method_name} replaces the attention of its layers, so {p.method_name} (a sparse "
+                        "prefill method) cannot run on them too; give them disjoint `layers:` lists"
+                    )
+        return self
+
     # ------------------------------------------------------------------------------------------- loading
     @classmethod
     def load(cls, source: str | os.PathLike | dict | Recipe) -> Recipe:

@@ -28,6 +28,7 @@ _BUILTIN_MODULES = (
     "attnkit.sparsify.quest",
     "attnkit.convert.gqa",
     "attnkit.convert.mla",
+    "attnkit.convert.linearize",
 )
 _builtins_loaded = False
 

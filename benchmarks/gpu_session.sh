@@ -25,6 +25,13 @@
 #   conversion-qwen  the same on qwen (GGUF staged), gqa (2 → 1 KV heads) and mla (latent 96 + rope 32, and 192 + 32)
 #   conversion-decode  benchmarks.conversion decode: llama3-8b shape (4 layers, random weights), original vs GQA
 #              8 → 2 vs MLA 512 + 64, 8K-128K at batch 1 and 8K/32K at batch 8
+#   linear     linear attention (issue 9): the linear-attention GPU tests (fla vs the reference) and
+#              benchmarks.linear (attention level: prefill and decode, dense SDPA vs attnkit linear vs fla's kernel vs
+#              the PyTorch references, 4K-128K); needs the fla-core, flash-linear-attention and einops wheels in .whl/
+#   linear-bench  attnkit bench on a random llama3-8b shape (4 layers): dense vs linear (RECIPE=linear-untrained) or
+#              vs the LoLCATs window hybrid (RECIPE=lolcats-untrained), TTFT/TPOT/peak memory/KV bytes, 4K-128K
+#   linear-smol  benchmarks.linear_quality on the embedded model (GGUF staged): dense vs hedgehog vs lolcats vs the
+#              lolcats layer hybrid, held-out NLL and task scores at 1K/2K, with training tokens and time
 #   store      keep every carried model part (.devstage/NAME/chunk, see ../shared/device/stage-model) in
 #              /root/attnkit-models/parts/NAME, so parts can arrive in any order, riding along other stages
 #   assemble   join the parts into the two GGUF files (s* -> SmolLM2, q* -> qwen) and check their SHA256
@@ -133,6 +140,21 @@ case "$stage" in
       --batch 1 --out "$OUT/conversion-decode-b1.json" 2>&1 | tail -20
     python3 -m benchmarks.conversion decode --shape llama3-8b --layers 4 --dtype bfloat16 --lengths 8k,32k \
       --batch 8 --out "$OUT/conversion-decode-b8.json" 2>&1 | tail -12
+    ;;
+  linear)
+    python3 -m pytest -q -p no:cacheprovider tests/test_linear_attention.py tests/test_linearize.py -k "fla or gpu or agree" 2>&1 | tail -5
+    python3 -m benchmarks.linear --out "$OUT/linear.json" 2>&1 | tail -32
+    ;;
+  linear-bench)
+    r=${RECIPE:-linear-untrained}
+    python3 -m attnkit bench --shape llama3-8b --layers 4 --recipe "benchmarks/recipes/$r.yaml" \
+      --lengths 4k,16k,32k,64k,128k --new-tokens 32 --out "$OUT/bench-$r" 2>&1 | grep -v "it/s\]" | tail -18
+    ;;
+  linear-smol)
+    python3 -m benchmarks.linear_quality --model "$SMOL" --dtype float32 \
+      --recipes "${RECIPES:-hedgehog,lolcats,benchmarks/recipes/lolcats-layer-hybrid.yaml}" --untrained \
+      --tasks passkey,niah_single --lengths 1024,2048 --samples 10 --out "$OUT/linear-quality-smol.json" 2>&1 \
+      | grep -v "it/s\]" | tail -20
     ;;
   *) echo "unknown stage $stage"; exit 2 ;;
 esac

@@ -71,13 +71,17 @@ class SpeedComparison:
 
 
 def kv_cache_bytes(cache) -> int:
-    """Bytes of keys and values held by a transformers cache (every layer; uninitialized layers count 0)."""
+    """Bytes of keys and values held by a transformers cache (every layer; uninitialized layers count 0), plus the
+    recurrent state of layers that keep one (linear attention: ``state_bytes()``)."""
     total = 0
     for layer in getattr(cache, "layers", []):
         for name in ("keys", "values"):
             tensor = getattr(layer, name, None)
             if isinstance(tensor, torch.Tensor):
                 total += tensor.numel() * tensor.element_size()
+        state_bytes = getattr(layer, "state_bytes", None)
+        if callable(state_bytes):
+            total += state_bytes()
     return total
 
 

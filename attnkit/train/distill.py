@@ -80,6 +80,7 @@ class DistillResult:
     out_dir: Path | None = None
     tokens_this_run: int = 0  # tokens trained on by this call (all processes)
     peak_memory_mb: float | None = None  # peak CUDA memory allocated by this process during the call (None on CPU)
+    label: str = "gates"  # what was trained, for summaries (linearization: "attention transfer", "LoRA recovery")
 
     @property
     def tokens_per_second(self) -> float | None:
@@ -469,7 +470,7 @@ class DistillReport:
             if r.peak_memory_mb is not None:
                 speed += f", peak {r.peak_memory_mb:,.0f} MB per GPU"
             loss = "n/a" if r.loss is None else f"{r.loss:.4f}"
-            what = "gates" if isinstance(r, DistillResult) else "recovery"
+            what = getattr(r, "label", "recovery")  # DistillResult: gates / linearization stages
             lines.append(f"  {what} {i}: {r.steps} steps, final loss {loss}{speed} ({r.seconds:.0f} s)")
             calibrated = sorted(t for layer in (self.thresholds[i] if i < len(self.thresholds) else {}).values() for t in layer)
             if calibrated:
@@ -525,6 +526,16 @@ def distill(
     from attnkit.train.sharding import fsdp2_settings, full_state_dict, shard_frozen
 
     recipe = Recipe.load(recipe)
+    if not any(isinstance(s, SeerAttention) for s in recipe.steps):
+        from attnkit.convert.linearize import Linearize
+
+        if any(isinstance(s, Linearize) for s in recipe.steps):  # linearization trains in its own module
+            from attnkit.train.linearize import distill as distill_linear
+
+            return distill_linear(
+                recipe, model, out, data=data, steps=steps, seq_len=seq_len, overwrite=overwrite, resume=resume,
+                dtype=dtype, device=device, show_progress=show_progress,
+            )
     if data is not None or steps is not None or seq_len is not None or batch_size is not None:
         recipe = _override_training(recipe, data=data, steps=steps, seq_len=seq_len, batch_size=batch_size)
     if not any(isinstance(s, SeerAttention) for s in recipe.steps):

@@ -1,0 +1,548 @@
+"""Training of linearized attention (:mod:`attnkit.convert.linearize`), under `accelerate`.
+
+**Stage 1, attention transfer** (:func:`transfer_attention`). Per batch, one forward of the frozen model under
+``torch.no_grad()`` with *softmax* attention (every linear-attention module is taken out of the dispatcher for the
+run, so each layer's inputs are the original model's, as in LoLCATs' attention transfer). A forward hook on each
+converted layer's ``AttnkitAttention`` module receives the layer's post-RoPE ``query``/``key``/``value`` and the
+softmax output (the teacher), runs the layer's linear attention on the same inputs with gradient (the student),
+computes ``mse_weight · MSE(student, teacher)`` over the real query rows, plus, with ``xent_weight``, the
+cross-entropy between the softmax and linear attention weights (``S × S`` per head: keep ``seq_len`` short), and
+back-propagates it at once. The layers are trained all at once and layer by layer at the same time: their losses are
+independent (every layer sees the frozen model's inputs), so one forward serves all of them, and only one layer's
+autograd graph (its feature maps and linear-attention intermediates) is alive at a time. The logged loss is the
+mean over layers. Only the feature maps and the window factors have ``requires_grad``.
+
+**Stage 2, LoRA recovery** (:func:`finetune_lora`, optional). peft LoRA adapters on the attention projections
+(``q_proj``/``k_proj``/``v_proj``/``o_proj``), trained through the linearized model with the LM loss or by
+distilling the original model's logits (teacher: the same weights with the adapters disabled and softmax attention,
+in the same process), then merged into the weights (``merge_and_unload``): the checkpoint stores the merged weights,
+so ``attnkit.load`` and a plain ``from_pretrained`` both see them. The feature maps stay frozen in this stage.
+
+Both stages: AdamW, linear warm-up then cosine decay; several processes (``accelerate launch``) each read their own
+data shard, trainable parameters are broadcast from process 0 at the start and their gradients averaged before each
+step (no DDP wrapper: stage 1 runs the frozen model under ``no_grad``). Outputs (``out_dir``, main process):
+``loss.jsonl`` (step, loss, per-layer losses for stage 1, lr, tokens, seconds), ``loss.png`` with matplotlib, and
+``state.pt`` (trainable tensors, optimizer, scheduler, step) every ``checkpoint_every`` steps and at the end; a run
+given the same ``out_dir`` resumes from it.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import math
+import os
+import shutil
+import time
+from collections.abc import Callable, Iterator
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import nn
+
+from attnkit.attention import attention_modules
+from attnkit.convert.linearize import LinearAttention, Linearize, linear_layers
+from attnkit.train.data import batches, token_sequences
+from attnkit.train.distill import DistillReport, DistillResult, plot_loss
+
+STATE_FILE = "state.pt"
+LOSS_FILE = "loss.jsonl"
+PLOT_FILE = "loss.png"
+STATE_VERSION = 1
+_RESUMABLE_CHANGES = ("steps", "checkpoint_every", "log_every")
+
+
+# ------------------------------------------------------------------------------------------- stage 1 losses
+@contextlib.contextmanager
+def teacher_mode(model: nn.Module, layers: dict[int, LinearAttention]) -> Iterator[None]:
+    """The converted layers run softmax attention inside the block (their modules stay attached to nothing)."""
+    attentions = attention_modules(model)
+    try:
+        for idx in layers:
+            attentions[idx].attnkit.replacement = None
+        yield
+    finally:
+        for idx, layer in layers.items():
+            attentions[idx].attnkit.replacement = layer
+
+
+def softmax_weights(
+    query: torch.Tensor, key: torch.Tensor, scale: float | None, key_padding_mask: torch.Tensor | None = None
+) -> torch.Tensor:
+    """Causal softmax attention weights ``[B, Hq, S, S]`` (float32) for ``query [B, Hq, S, D]``, ``key [B, Hkv, S, D]``."""
+    batch, hq, seq, dim = query.shape
+    hkv = key.shape[1]
+    scale = dim**-0.5 if scale is None else scale
+    scores = torch.einsum("bhgsd,bhtd->bhgst", query.float().view(batch, hkv, hq // hkv, seq, dim), key.float()) * scale
+    visible = torch.ones(seq, seq, dtype=torch.bool, device=query.device).tril()
+    if key_padding_mask is not None:
+        visible = visible & key_padding_mask[:, None, None, None, :].bool()
+    scores = scores.masked_fill(~visible, torch.finfo(torch.float32).min)
+    return torch.softmax(scores, -1).reshape(batch, hq, seq, seq)
+
+
+def transfer_loss(
+    layer: LinearAttention,
+    query: torch.Tensor,
+    key: torch.Tensor,
+    value: torch.Tensor,
+    teacher: torch.Tensor,
+    key_padding_mask: torch.Tensor | None,
+    scale: float | None,
+    mse_weight: float = 1.0,
+    xent_weight: float = 0.0,
+) -> torch.Tensor:
+    """One layer's attention-transfer loss: ``mse_weight · MSE(linear, softmax output)`` over real query rows
+    (``teacher [B, Hq, S, D]``) + ``xent_weight · CE(softmax weights, linear weights)`` (mean over real rows)."""
+    rows = None if key_padding_mask is None else key_padding_mask[:, None, :, None].to(torch.float32)  # [B, 1, S, 1]
+    loss = torch.zeros((), device=query.device)
+    if mse_weight:
+        student = layer(query, key, value, key_padding_mask, scale).float()
+        err = (student - teacher.float()).pow(2)
+        if rows is None:
+            loss = loss + mse_weight * err.mean()
+        else:
+            count = rows.sum() * err.shape[1] * err.shape[-1]
+            loss = loss + mse_weight * (err * rows).sum() / count.clamp_min(1)
+    if xent_weight:
+        target = softmax_weights(query, key, scale, key_padding_mask)
+        predicted = layer.attention_weights(query, key, scale, key_padding_mask)
+        xent = -(target * predicted.clamp_min(1e-12).log()).sum(-1)  # [B, Hq, S]
+        if rows is None:
+            loss = loss + xent_weight * xent.mean()
+        else:
+            r = rows[..., 0].expand_as(xent)
+            loss = loss + xent_weight * (xent * r).sum() / r.sum().clamp_min(1)
+    return loss
+
+
+def transfer_losses(
+    model: nn.Module,
+    layers: dict[int, LinearAttention],
+    input_ids: torch.Tensor,
+    attention_mask: torch.Tensor | None = None,
+    mse_weight: float = 1.0,
+    xent_weight: float = 0.0,
+    backward_scale: float | None = None,
+) -> dict[int, torch.Tensor]:
+    """One softmax no-grad forward of ``model``; per converted layer the transfer loss (a scalar with gradient).
+
+    With ``backward_scale``, each layer's ``loss · backward_scale`` is back-propagated inside its hook, as soon as
+    it is computed, and the returned losses are detached: only one layer's autograd graph is alive at a time (the
+    layers' losses are independent, each layer seeing the frozen model's inputs, so the gradients are the same as
+    one backward of the sum)."""
+    attentions = attention_modules(model)
+    losses: dict[int, torch.Tensor] = {}
+
+    def hook(idx: int, layer: LinearAttention):
+        def run(module, args, kwargs, output):
+            query, key, value = args[0], args[1], args[2]
+            kpm = args[3] if len(args) > 3 else kwargs.get("key_padding_mask")
+            scale = args[4] if len(args) > 4 else kwargs.get("scale")
+            with torch.enable_grad():
+                loss = transfer_loss(layer, query, key, value, output, kpm, scale, mse_weight, xent_weight)
+                if backward_scale is not None:
+                    (loss * backward_scale).backward()
+                    loss = loss.detach()
+                losses[idx] = loss
+
+        return run
+
+    handles = []
+    with teacher_mode(model, layers):
+        try:
+            for idx, layer in layers.items():
+                handles.append(attentions[idx].attnkit.register_forward_hook(hook(idx, layer), with_kwargs=True))
+            with torch.no_grad():
+                model(input_ids=input_ids, attention_mask=attention_mask, use_cache=False, logits_to_keep=1)
+        finally:
+            for handle in handles:
+                handle.remove()
+    missing = sorted(set(layers) - set(losses))
+    if missing:
+        raise RuntimeError(f"no transfer loss for layers {missing}: the forward never reached their attention")
+    return losses
+
+
+@torch.no_grad()
+def attention_output_error(model: nn.Module, input_ids: torch.Tensor, method: Linearize | None = None) -> dict[int, float]:
+    """Layer → MSE between its linear and softmax attention outputs on ``input_ids`` (no training; a diagnostic)."""
+    layers = linear_layers(model, method)
+    losses = transfer_losses(model, layers, input_ids)
+    return {i: float(v) for i, v in losses.items()}
+
+
+# ---------------------------------------------------------------------------------------------------- stages
+def transfer_attention(
+    model: nn.Module,
+    method: Linearize,
+    data: Any = None,
+    out_dir: str | os.PathLike | None = None,
+    *,
+    resume: bool = True,
+    show_progress: bool = True,
+    tokenizer: Any = None,
+    accelerator: Any = None,
+) -> DistillResult:
+    """Stage 1: train ``method``'s feature maps (and window factors) on ``model`` (patched with it); see the module
+    docstring. ``data``: None (``method.transfer.data``), a source string, or token ids ``[N, S]`` / ``[S]``."""
+    layers = linear_layers(model, method)
+    if not layers:
+        raise ValueError("the model has no linear-attention layers of this method: attnkit.apply(model, recipe) first")
+    cfg = method.transfer
+    params = {f"{i}.{n}": p for i, layer in layers.items() for n, p in layer.named_parameters()}
+    if not params:
+        raise ValueError(
+            f"feature map {method.feature_map!r} has nothing to train (and no window factors): set transfer.steps: 0"
+        )
+
+    def step_loss(ids: torch.Tensor) -> tuple[torch.Tensor, dict[int, torch.Tensor]]:
+        # layer by layer: each layer's graph is freed right after its backward (see transfer_losses)
+        scale = 1.0 / (len(layers) * cfg.grad_accum)
+        losses = transfer_losses(model, layers, ids, None, cfg.mse_weight, cfg.xent_weight, backward_scale=scale)
+        return sum(losses.values()) / len(losses), losses
+
+    return _train(
+        model, params, step_loss, cfg, method, "transfer", "attention transfer", data, out_dir,
+        resume=resume, show_progress=show_progress, tokenizer=tokenizer, accelerator=accelerator, frozen_forward=True,
+    )
+
+
+def finetune_lora(
+    model: nn.Module,
+    method: Linearize,
+    data: Any = None,
+    out_dir: str | os.PathLike | None = None,
+    *,
+    resume: bool = True,
+    show_progress: bool = True,
+    tokenizer: Any = None,
+    accelerator: Any = None,
+) -> DistillResult:
+    """Stage 2: LoRA on the attention projections of the linearized ``model``, merged into its weights at the end."""
+    try:
+        from peft import LoraConfig, get_peft_model
+    except ImportError as err:
+        raise ImportError("LoRA recovery needs peft (pip install 'attnkit[train]')") from err
+    from attnkit.patch import dense
+
+    cfg = method.finetune
+    if not linear_layers(model, method):
+        raise ValueError("the model has no linear-attention layers of this method: attnkit.apply(model, recipe) first")
+    names = {name.rsplit(".", 1)[-1] for name, _ in model.named_modules()}
+    unknown = [t for t in cfg.target_modules if t not in names]
+    if unknown:
+        raise ValueError(f"finetune.target_modules {unknown} name no module of this model")
+    config = LoraConfig(
+        r=cfg.rank, lora_alpha=cfg.alpha, lora_dropout=cfg.dropout, target_modules=list(cfg.target_modules), bias="none"
+    )
+    saved_flags = {p: p.requires_grad for p in model.parameters()}
+    peft_model = get_peft_model(model, config)
+    # peft seeds the adapters from the global RNG; make them a function of the recipe's seed.
+    g = torch.Generator().manual_seed(cfg.seed)
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            if "lora_A" in name:
+                p.copy_(torch.empty_like(p, device="cpu").uniform_(-1, 1, generator=g).to(p) / math.sqrt(p.shape[1]))
+    params = {n: p for n, p in model.named_parameters() if "lora_" in n}
+
+    def step_loss(ids: torch.Tensor) -> tuple[torch.Tensor, dict[int, torch.Tensor]]:
+        if cfg.loss == "lm":
+            return model(input_ids=ids, labels=ids, use_cache=False).loss, {}
+        with torch.no_grad(), peft_model.disable_adapter(), dense(model):
+            teacher = model(input_ids=ids, use_cache=False).logits.float()
+        student = model(input_ids=ids, use_cache=False).logits.float()
+        t = cfg.temperature
+        p_teacher = torch.log_softmax(teacher / t, -1)
+        p_student = torch.log_softmax(student / t, -1)
+        kl = (p_teacher.exp() * (p_teacher - p_student)).sum(-1).mean() * t * t
+        return kl, {}
+
+    try:
+        result = _train(
+            model, params, step_loss, cfg, method, "finetune", "LoRA recovery", data, out_dir,
+            resume=resume, show_progress=show_progress, tokenizer=tokenizer, accelerator=accelerator,
+            frozen_forward=False,
+        )
+    finally:
+        merged = peft_model.merge_and_unload()
+        if merged is not model:  # merge_and_unload returns the model it wrapped, adapters folded in
+            raise RuntimeError("peft returned another model object from merge_and_unload")
+        for attr in ("peft_config", "_hf_peft_config_loaded"):
+            if attr in model.__dict__:
+                delattr(model, attr)
+        for p in model.parameters():
+            p.requires_grad_(saved_flags.get(p, False))
+    return result
+
+
+# ------------------------------------------------------------------------------------------------------ loop
+def _train(
+    model: nn.Module,
+    params: dict[str, nn.Parameter],
+    step_loss: Callable[[torch.Tensor], tuple[torch.Tensor, dict[int, torch.Tensor]]],
+    cfg: Any,
+    method: Linearize,
+    stage: str,
+    label: str,
+    data: Any,
+    out_dir: str | os.PathLike | None,
+    *,
+    resume: bool,
+    show_progress: bool,
+    tokenizer: Any,
+    accelerator: Any,
+    frozen_forward: bool,
+) -> DistillResult:
+    from accelerate import Accelerator
+    from accelerate.utils import broadcast
+
+    from attnkit.train.distill import _progress, _warmup_cosine
+
+    accelerator = accelerator or Accelerator()
+    rank, world = accelerator.process_index, accelerator.num_processes
+    main = accelerator.is_main_process
+    device = next(model.parameters()).device
+    out = Path(out_dir) if out_dir is not None else None
+    trainable = list(params.values())
+    saved_flags = {p: p.requires_grad for p in model.parameters()}
+    was_training = model.training
+    try:
+        for p in model.parameters():
+            p.requires_grad_(False)
+        for p in trainable:
+            p.requires_grad_(True)
+        # No dropout in the frozen forward (attnkit attention refuses attention dropout); LoRA dropout needs train().
+        model.train(not frozen_forward and getattr(cfg, "dropout", 0.0) > 0)
+        if world > 1:
+            with torch.no_grad():
+                for p in trainable:
+                    p.copy_(broadcast(p.detach().clone(), from_process=0))
+        optimizer = torch.optim.AdamW(trainable, lr=cfg.lr, weight_decay=cfg.weight_decay)
+        scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, _warmup_cosine(cfg.warmup_steps, cfg.steps))
+        start_step, history, tokens = 0, [], 0
+        state_path = None if out is None else out / STATE_FILE
+        if resume and state_path is not None and state_path.is_file():
+            start_step, tokens = _load_state(state_path, method, stage, params, optimizer, scheduler, device)
+            history = _read_history(out / LOSS_FILE, start_step)
+        if out is not None and main:
+            out.mkdir(parents=True, exist_ok=True)
+            (out / LOSS_FILE).write_text("".join(json.dumps(row) + "\n" for row in history))
+
+        source = data if data is not None else cfg.data
+        tok = tokenizer if tokenizer is not None else getattr(model, "attnkit_tokenizer", None)
+        stream = token_sequences(
+            source, tok, cfg.seq_len, seed=cfg.seed, rank=rank, world=world,
+            data_config=cfg.data_config, split=cfg.data_split, text_field=cfg.text_field,
+        )
+        stream = batches(stream, cfg.batch_size)
+        for _ in range(start_step * cfg.grad_accum):  # the batches the resumed steps used
+            next(stream)
+
+        result = DistillResult(
+            start_step, history[-1]["loss"] if history else None, history, 0.0, tokens, start_step, out, label=label
+        )
+        started = time.perf_counter()
+        with _progress(show_progress and main, cfg.steps, start_step, label) as advance:
+            for step in range(start_step, cfg.steps):
+                step_total, per_layer = torch.zeros((), device=device), {}
+                for _ in range(cfg.grad_accum):
+                    ids = next(stream).to(device)
+                    loss, parts = step_loss(ids)
+                    if loss.requires_grad:  # stage 1 back-propagates layer by layer inside step_loss
+                        (loss / cfg.grad_accum).backward()
+                    step_total += loss.detach() / cfg.grad_accum
+                    for idx, value in parts.items():
+                        per_layer[idx] = per_layer.get(idx, 0.0) + value.detach() / cfg.grad_accum
+                    tokens += ids.numel() * world
+                if world > 1:
+                    for p in trainable:
+                        if p.grad is not None:
+                            p.grad = accelerator.reduce(p.grad, reduction="mean")
+                if cfg.max_grad_norm is not None:
+                    torch.nn.utils.clip_grad_norm_(trainable, cfg.max_grad_norm)
+                lr = optimizer.param_groups[0]["lr"]
+                optimizer.step()
+                scheduler.step()
+                optimizer.zero_grad(set_to_none=True)
+                done = step + 1
+                if done % cfg.log_every == 0 or done == cfg.steps:
+                    layer_ids = sorted(per_layer)
+                    logged = torch.stack([step_total, *(per_layer[i] for i in layer_ids)])
+                    if world > 1:
+                        logged = accelerator.reduce(logged, reduction="mean")
+                    logged = logged.tolist()
+                    row = {
+                        "step": done,
+                        "stage": stage,
+                        "loss": logged[0],
+                        "layers": {str(i): round(v, 8) for i, v in zip(layer_ids, logged[1:], strict=True)},
+                        "lr": lr,
+                        "tokens": tokens,
+                        "seconds": round(time.perf_counter() - started, 3),
+                    }
+                    history.append(row)
+                    result.loss = row["loss"]
+                    if out is not None and main:
+                        with (out / LOSS_FILE).open("a") as f:
+                            f.write(json.dumps(row) + "\n")
+                advance(done, result.loss)
+                if out is not None and cfg.checkpoint_every and done % cfg.checkpoint_every == 0 and done < cfg.steps:
+                    _checkpoint(accelerator, out, done, tokens, method, stage, params, optimizer, scheduler)
+        result.seconds = time.perf_counter() - started
+        result.tokens_this_run = tokens - result.tokens
+        result.steps, result.tokens = max(cfg.steps, start_step), tokens
+        if out is not None:
+            _checkpoint(accelerator, out, result.steps, tokens, method, stage, params, optimizer, scheduler)
+            if main:
+                ylabel = "MSE(linear, softmax attention output)" if frozen_forward else f"{cfg.loss} loss"
+                plot_loss(out / LOSS_FILE, out / PLOT_FILE, ylabel=ylabel, title=f"linearize: {label}")
+        return result
+    finally:
+        for p, flag in saved_flags.items():
+            p.requires_grad_(flag)
+        for p in trainable:
+            p.grad = None
+        model.train(was_training)
+
+
+def _comparable(method: Linearize | dict, stage: str) -> dict:
+    step = method.to_step() if isinstance(method, Linearize) else dict(method)
+    block = {k: v for k, v in step.get(stage, {}).items() if k not in _RESUMABLE_CHANGES}
+    other = "finetune" if stage == "transfer" else "transfer"
+    return {**{k: v for k, v in step.items() if k not in (stage, other)}, stage: block}
+
+
+def _checkpoint(accelerator, out: Path, step, tokens, method, stage, params, optimizer, scheduler) -> None:
+    if accelerator.is_main_process:
+        state = {
+            "version": STATE_VERSION,
+            "stage": stage,
+            "step": step,
+            "tokens": tokens,
+            "method": method.to_step(),
+            "params": {k: v.detach().cpu() for k, v in params.items()},
+            "optimizer": optimizer.state_dict(),
+            "scheduler": scheduler.state_dict(),
+        }
+        tmp = out / f".{STATE_FILE}.tmp"
+        torch.save(state, tmp)
+        os.replace(tmp, out / STATE_FILE)
+    accelerator.wait_for_everyone()
+
+
+def _load_state(path: Path, method, stage, params, optimizer, scheduler, device) -> tuple[int, int]:
+    state = torch.load(path, map_location=device, weights_only=True)
+    if state.get("version") != STATE_VERSION or state.get("stage") != stage:
+        raise ValueError(f"{path}: not a {stage} training state of this attnkit version")
+    if _comparable(state["method"], stage) != _comparable(method, stage):
+        raise ValueError(
+            f"{path} was written by a run with other settings ({state['method']}); resume with the same recipe, or "
+            f"use another output folder (only {stage}.{', {stage}.'.join(_RESUMABLE_CHANGES)} may change)"
+        )
+    if set(state["params"]) != set(params):
+        raise ValueError(f"{path}: its tensors do not match this model's trainable parameters")
+    with torch.no_grad():
+        for name, p in params.items():
+            p.copy_(state["params"][name])
+    optimizer.load_state_dict(state["optimizer"])
+    scheduler.load_state_dict(state["scheduler"])
+    return int(state["step"]), int(state["tokens"])
+
+
+def _read_history(path: Path, upto: int) -> list[dict[str, Any]]:
+    if not path.is_file():
+        return []
+    rows = [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
+    return [row for row in rows if row["step"] <= upto]
+
+
+# ----------------------------------------------------------------------------------------------- pipeline
+def distill(
+    recipe: Any = "hedgehog",
+    model: str = "llama",
+    out: str | os.PathLike = "runs/hedgehog",
+    *,
+    data: str | None = None,
+    steps: int | None = None,
+    seq_len: int | None = None,
+    overwrite: bool = False,
+    resume: bool = False,
+    dtype: torch.dtype | str | None = None,
+    device: str | None = None,
+    show_progress: bool = True,
+) -> DistillReport:
+    """Load ``model``, apply ``recipe``, run both training stages of its ``linearize`` steps, save to ``out``.
+
+    What ``attnkit distill --recipe hedgehog`` runs (also under ``accelerate launch -m attnkit distill ...``).
+    ``data`` / ``steps`` / ``seq_len`` override the ``transfer:`` block (stage 1); ``data`` and ``seq_len`` also the
+    ``finetune:`` block. Training files go to ``<out>.train/<stage>/`` while running and to ``<out>/train/<stage>/``
+    once saved; ``resume=True`` continues an interrupted run from its last ``state.pt``, ``overwrite=True`` starts
+    over (with neither, an unfinished run makes this fail before any work).
+    """
+    from accelerate import Accelerator
+
+    from attnkit.checkpoint import CheckpointError, save
+    from attnkit.models import load_model
+    from attnkit.patch import apply
+    from attnkit.recipe import Recipe
+
+    recipe = Recipe.load(recipe)
+    if data is not None or steps is not None or seq_len is not None:
+        spec = recipe.to_dict()
+        for step in spec["steps"]:
+            if step["method"] != Linearize.method_name:
+                continue
+            for block, keys in (("transfer", ("data", "steps", "seq_len")), ("finetune", ("data", "seq_len"))):
+                for key, value in (("data", data), ("steps", steps), ("seq_len", seq_len)):
+                    if key in keys and value is not None:
+                        step.setdefault(block, {})[key] = value
+        recipe = Recipe._validate(spec, f"recipe {recipe.name!r} with command-line overrides")
+    linear_steps = [s for s in recipe.steps if isinstance(s, Linearize)]
+    if not linear_steps:
+        raise ValueError(f"recipe {recipe.name!r} has no linearize step: nothing to distill")
+    out = Path(out)
+    if out.exists() and not overwrite:
+        raise CheckpointError(f"output folder {out} already exists (pass --overwrite to replace it)")
+    staging = out.with_name(f"{out.name}.train")
+    if staging.exists() and not (resume or overwrite):
+        raise CheckpointError(
+            f"{staging} holds an unfinished training run: pass --resume (resume=True) to continue it, or "
+            "--overwrite (overwrite=True) to start over"
+        )
+    accelerator = Accelerator()
+    if staging.exists() and not resume:
+        if accelerator.is_main_process:
+            shutil.rmtree(staging)
+        accelerator.wait_for_everyone()
+    seconds: dict[str, float] = {}
+    start = time.perf_counter()
+    lm, tokenizer = load_model(model, dtype=dtype, device=device or str(accelerator.device))
+    seconds["load"] = time.perf_counter() - start
+    apply(lm, recipe, fit=False)
+    results = []
+    start = time.perf_counter()
+    for step in recipe.steps:
+        if not isinstance(step, Linearize):
+            step.fit(lm, None)
+            continue
+        folder = staging if len(linear_steps) == 1 else staging / f"step{linear_steps.index(step)}"
+        kwargs = {"resume": resume, "show_progress": show_progress, "tokenizer": tokenizer, "accelerator": accelerator}
+        if step.transfer.steps > 0:
+            results.append(transfer_attention(lm, step, out_dir=folder / "transfer", **kwargs))
+        if step.finetune.steps > 0:
+            # LoRA is merged at the end of the stage; a resumed stage 2 restarts from stage 1's finished feature maps.
+            results.append(finetune_lora(lm, step, out_dir=folder / "finetune", **kwargs))
+    seconds["train"] = time.perf_counter() - start
+    if accelerator.is_main_process:
+        start = time.perf_counter()
+        save(lm, out, tokenizer=tokenizer, overwrite=overwrite)
+        if staging.exists():
+            shutil.move(str(staging), str(out / "train"))
+        seconds["save"] = time.perf_counter() - start
+    accelerator.wait_for_everyone()
+    for r in results:
+        if r.out_dir is not None:
+            r.out_dir = out / "train" / r.out_dir.relative_to(staging)
+    return DistillReport(recipe.name, model, out, results, seconds)
