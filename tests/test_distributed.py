@@ -29,10 +29,24 @@ def seer_recipe(path: Path, batch_size: int) -> Path:
     return path
 
 
-def distill(tmp_path: Path, name: str, batch_size: int, processes: int, *extra: str) -> Path:
+def linear_recipe(path: Path, batch_size: int) -> Path:
+    recipe = {
+        "attnkit": 1,
+        "name": f"hedgehog-b{batch_size}",
+        "steps": [{
+            "method": "linearize", "feature_dim": 8, "window": 4,
+            "transfer": {"steps": 3, "lr": 1e-2, "seq_len": 64, "batch_size": batch_size, "data": "builtin:corpus",
+                         "seed": 0},
+        }],
+    }
+    path.write_text(yaml.safe_dump(recipe))
+    return path
+
+
+def distill(tmp_path: Path, name: str, batch_size: int, processes: int, *extra: str, make_recipe=seer_recipe) -> Path:
     out = tmp_path / name
     args = ["-m", "attnkit", "distill", "--model", "tiny-llama", "--recipe",
-            str(seer_recipe(tmp_path / f"{name}.yaml", batch_size)), "--out", str(out), *extra]
+            str(make_recipe(tmp_path / f"{name}.yaml", batch_size)), "--out", str(out), *extra]
     if processes == 1:
         cmd = [sys.executable, *args]
     else:
@@ -49,17 +63,26 @@ def distill(tmp_path: Path, name: str, batch_size: int, processes: int, *extra: 
     return out
 
 
-@pytest.mark.parametrize("sharded", [False, True], ids=["replicated", "fsdp2"])
-def test_two_processes_equal_one_process_with_the_same_global_batch(tmp_path, sharded):
+@pytest.mark.parametrize(
+    ("job", "sharded"),
+    [("seer", False), ("seer", True), ("linearize", True)],
+    ids=["seer-replicated", "seer-fsdp2", "linearize-fsdp2"],
+)
+def test_two_processes_equal_one_process_with_the_same_global_batch(tmp_path, job, sharded):
     """Two processes with batch 1 each = one process with batch 2; with ``--fsdp`` the frozen model is sharded
-    with FSDP2 (each process holds half of every decoder layer) and the result is the same."""
-    one = distill(tmp_path, "one", batch_size=2, processes=1)
-    two = distill(tmp_path, "two", 1, 2, *(["--fsdp"] if sharded else []))
-    rows_one = [json.loads(x) for x in (one / "train" / "loss.jsonl").read_text().splitlines()]
-    rows_two = [json.loads(x) for x in (two / "train" / "loss.jsonl").read_text().splitlines()]
+    with FSDP2 (each process holds half of every decoder layer) and the result is the same. Jobs: SeerAttention
+    gate distillation and linearization's attention transfer."""
+    make, log, tokens = {
+        "seer": (seer_recipe, "loss.jsonl", [192, 384, 576]),
+        "linearize": (linear_recipe, "transfer/loss.jsonl", [128, 256, 384]),
+    }[job]
+    one = distill(tmp_path, "one", 2, 1, make_recipe=make)
+    two = distill(tmp_path, "two", 1, 2, *(["--fsdp"] if sharded else []), make_recipe=make)
+    rows_one = [json.loads(x) for x in (one / "train" / log).read_text().splitlines()]
+    rows_two = [json.loads(x) for x in (two / "train" / log).read_text().splitlines()]
     # one row per step (only the main process writes), the same tokens seen
     assert [r["step"] for r in rows_two] == [1, 2, 3]
-    assert [r["tokens"] for r in rows_two] == [r["tokens"] for r in rows_one] == [192, 384, 576]
+    assert [r["tokens"] for r in rows_two] == [r["tokens"] for r in rows_one] == tokens
     for a, b in zip(rows_one, rows_two, strict=True):
         assert a["loss"] == pytest.approx(b["loss"], rel=1e-4)
     gates_one, gates_two = load_file(one / "attnkit.safetensors"), load_file(two / "attnkit.safetensors")

@@ -533,8 +533,8 @@ def distill(
             from attnkit.train.linearize import distill as distill_linear
 
             return distill_linear(
-                recipe, model, out, data=data, steps=steps, seq_len=seq_len, overwrite=overwrite, resume=resume,
-                dtype=dtype, device=device, show_progress=show_progress,
+                recipe, model, out, data=data, steps=steps, seq_len=seq_len, batch_size=batch_size,
+                overwrite=overwrite, resume=resume, dtype=dtype, device=device, show_progress=show_progress, fsdp=fsdp,
             )
     if data is not None or steps is not None or seq_len is not None or batch_size is not None:
         recipe = _override_training(recipe, data=data, steps=steps, seq_len=seq_len, batch_size=batch_size)

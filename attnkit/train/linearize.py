@@ -467,35 +467,46 @@ def distill(
     data: str | None = None,
     steps: int | None = None,
     seq_len: int | None = None,
+    batch_size: int | None = None,
     overwrite: bool = False,
     resume: bool = False,
     dtype: torch.dtype | str | None = None,
     device: str | None = None,
     show_progress: bool = True,
+    fsdp: bool = False,
 ) -> DistillReport:
     """Load ``model``, apply ``recipe``, run both training stages of its ``linearize`` steps, save to ``out``.
 
     What ``attnkit distill --recipe hedgehog`` runs (also under ``accelerate launch -m attnkit distill ...``).
-    ``data`` / ``steps`` / ``seq_len`` override the ``transfer:`` block (stage 1); ``data`` and ``seq_len`` also the
-    ``finetune:`` block. Training files go to ``<out>.train/<stage>/`` while running and to ``<out>/train/<stage>/``
+    ``data`` / ``steps`` / ``seq_len`` / ``batch_size`` override the ``transfer:`` block (stage 1); all but ``steps``
+    also the ``finetune:`` block. Training files go to ``<out>.train/<stage>/`` while running and to ``<out>/train/<stage>/``
     once saved; ``resume=True`` continues an interrupted run from its last ``state.pt``, ``overwrite=True`` starts
     over (with neither, an unfinished run makes this fail before any work).
+
+    Sharding (:mod:`attnkit.train.sharding`): under an accelerate FSDP2 config, or with ``fsdp=True`` in a
+    multi-process run, the frozen model is sharded with FSDP2 and the feature maps / mixing factors stay replicated;
+    this covers stage 1 (attention transfer) only: LoRA adapters (stage 2) would be injected into already sharded
+    layers, so a sharded run needs ``finetune.steps: 0``.
     """
     from accelerate import Accelerator
 
+    from attnkit.attention import attention_modules
     from attnkit.checkpoint import CheckpointError, save
     from attnkit.models import load_model
     from attnkit.patch import apply
     from attnkit.recipe import Recipe
+    from attnkit.train.sharding import fsdp2_settings, full_state_dict, shard_frozen
 
     recipe = Recipe.load(recipe)
-    if data is not None or steps is not None or seq_len is not None:
+    if data is not None or steps is not None or seq_len is not None or batch_size is not None:
         spec = recipe.to_dict()
         for step in spec["steps"]:
             if step["method"] != Linearize.method_name:
                 continue
-            for block, keys in (("transfer", ("data", "steps", "seq_len")), ("finetune", ("data", "seq_len"))):
-                for key, value in (("data", data), ("steps", steps), ("seq_len", seq_len)):
+            for block, keys in (
+                ("transfer", ("data", "steps", "seq_len", "batch_size")), ("finetune", ("data", "seq_len", "batch_size"))
+            ):
+                for key, value in (("data", data), ("steps", steps), ("seq_len", seq_len), ("batch_size", batch_size)):
                     if key in keys and value is not None:
                         step.setdefault(block, {})[key] = value
         recipe = Recipe._validate(spec, f"recipe {recipe.name!r} with command-line overrides")
@@ -521,6 +532,16 @@ def distill(
     lm, tokenizer = load_model(model, dtype=dtype, device=device or str(accelerator.device))
     seconds["load"] = time.perf_counter() - start
     apply(lm, recipe, fit=False)
+    sharding, sharded = fsdp2_settings(accelerator, requested=fsdp), None
+    if sharding is not None:
+        if any(s.finetune.steps > 0 for s in linear_steps):
+            raise ValueError(
+                "FSDP2 sharding covers linearization's attention transfer (stage 1) only: set finetune.steps: 0 in "
+                "the recipe, or run stage 2 (LoRA) without FSDP"
+            )
+        replicated = [p for a in attention_modules(lm) if getattr(a, "attnkit", None) is not None
+                      for p in a.attnkit.parameters()]
+        sharded = (shard_frozen(lm, replicated, **sharding), accelerator.num_processes)
     results = []
     start = time.perf_counter()
     for step in recipe.steps:
@@ -535,9 +556,16 @@ def distill(
             # LoRA is merged at the end of the stage; a resumed stage 2 restarts from stage 1's finished feature maps.
             results.append(finetune_lora(lm, step, out_dir=folder / "finetune", **kwargs))
     seconds["train"] = time.perf_counter() - start
+    full_state = full_state_dict(lm) if sharded is not None else None  # collective: every process joins
     if accelerator.is_main_process:
         start = time.perf_counter()
-        save(lm, out, tokenizer=tokenizer, overwrite=overwrite)
+        if full_state is not None:  # save from a whole copy: the sharded weights are DTensor pieces
+            whole, _ = load_model(model, dtype=dtype, device="cpu")
+            apply(whole, recipe, fit=False)
+            whole.load_state_dict(full_state)
+            save(whole, out, tokenizer=tokenizer, overwrite=overwrite)
+        else:
+            save(lm, out, tokenizer=tokenizer, overwrite=overwrite)
         if staging.exists():
             shutil.move(str(staging), str(out / "train"))
         seconds["save"] = time.perf_counter() - start
@@ -545,4 +573,4 @@ def distill(
     for r in results:
         if r.out_dir is not None:
             r.out_dir = out / "train" / r.out_dir.relative_to(staging)
-    return DistillReport(recipe.name, model, out, results, seconds)
+    return DistillReport(recipe.name, model, out, results, seconds, sharded=sharded)
