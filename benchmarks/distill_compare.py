@@ -4,7 +4,7 @@
 
 Prints, per logged step, the loss of each run and their relative difference; the largest absolute and relative
 difference between the saved attnkit tensors (gates, thresholds, feature maps); and each run's throughput
-(tokens of all processes / training seconds, from ``train/loss.jsonl``). Exit status 1 when the runs differ by
+(tokens of all processes / training seconds, from ``train/**/loss.jsonl``). Exit status 1 when the runs differ by
 more than ``--rtol`` in any loss or ``--atol`` in any tensor, so a GPU session can stop on a mismatch.
 """
 
@@ -20,7 +20,11 @@ from safetensors.torch import load_file
 
 
 def rows(run: Path) -> list[dict]:
-    return [json.loads(line) for line in (run / "train" / "loss.jsonl").read_text().splitlines() if line.strip()]
+    """The logged rows of a run's training (``train/loss.jsonl``, or each stage's ``train/*/loss.jsonl`` in order)."""
+    files = sorted((run / "train").rglob("loss.jsonl"))
+    if not files:
+        raise SystemExit(f"{run}: no train/**/loss.jsonl")
+    return [json.loads(line) for f in files for line in f.read_text().splitlines() if line.strip()]
 
 
 def compare(a: Path, b: Path) -> dict:

@@ -12,10 +12,11 @@
 #              (both: RECIPES=a,b,... overrides the recipe list, TAG=name the JSON's suffix)
 #   bench-qwen attnkit bench on qwen at 16K/32K on corpus text, each dynamic method vs dense (selection/gate cost
 #              included); RECIPES overrides the list
-#   fsdp2      issue 10, on nvidia-h200-x2: SeerAttention gate distillation of MODEL (default: the embedded model,
-#              staged) on one GPU with batch 2, then on two GPUs with FSDP2 and batch 1 each (the same global
-#              batch), compared by benchmarks.distill_compare (losses, gates, tokens/s). MODEL=random:llama3-8b:32
-#              for a model that is sharded for real; STEPS, SEQ override 30 steps of 4096 tokens
+#   fsdp2      issue 10, on nvidia-h200-x2: SeerAttention gate distillation and linearization's attention transfer
+#              (RECIPES, default seer_attention,benchmarks/recipes/lolcats-transfer.yaml) of MODEL (default: the
+#              embedded model, staged) on one GPU with batch 2, then on two GPUs with FSDP2 and batch 1 each (the
+#              same global batch), compared by benchmarks.distill_compare (losses, trained tensors, tokens/s).
+#              MODEL=random:llama3-8b:32 for a model that is sharded for real; STEPS, SEQ override 30 × 4096 tokens
 #   quest      Quest: GPU kernel tests, then benchmarks.quest (decode attention at 32K/64K/128K, batch 1 and 8, vs
 #              dense SDPA and a naive gather; time per output token of a random 32-layer Llama-3-8B at 128K)
 #   quest-smol benchmarks.quality of Quest on the embedded model, 4K/8K, budgets 256/512/1024 (+1024 GQA-shared)
@@ -94,16 +95,19 @@ case "$stage" in
     ;;
   fsdp2)
     export NCCL_NVLS_ENABLE=0 TORCH_SYMM_MEM_DISABLE_MULTICAST=1 NVSHMEM_DISABLE_NVLS=1  # KINDS.md: never multicast
-    model=${MODEL:-$SMOL}; tag=$(basename "$model" | tr ':' '-')
-    common=(--model "$model" --recipe "${RECIPE:-seer_attention}" --steps "${STEPS:-30}" --seq-len "${SEQ:-4096}" --overwrite)
     python3 -c "import torch; print(torch.cuda.device_count(), 'GPUs')"
-    CUDA_VISIBLE_DEVICES=0 python3 -m attnkit distill "${common[@]}" --batch-size 2 --out "$OUT/distill-$tag-1gpu" \
-      2>&1 | grep -v "it/s\]" | tail -8
-    python3 -m accelerate.commands.launch --config_file configs/accelerate/fsdp2.yaml -m attnkit distill "${common[@]}" \
-      --batch-size 1 --out "$OUT/distill-$tag-2gpu-fsdp2" 2>&1 | grep -v "it/s\]" | tail -8
-    python3 -m benchmarks.distill_compare "$OUT/distill-$tag-1gpu" "$OUT/distill-$tag-2gpu-fsdp2" \
-      --out "$OUT/distill-$tag-compare.json"
-    rm -f "$OUT"/distill-*/model.safetensors  # the base weights are not a result (and too large to bring back)
+    model=${MODEL:-$SMOL}; tag=$(basename "$model" | tr ':' '-')
+    for recipe in $(echo "${RECIPES:-seer_attention,benchmarks/recipes/lolcats-transfer.yaml}" | tr , ' '); do
+      name=$tag-$(basename "$recipe" .yaml)
+      common=(--model "$model" --recipe "$recipe" --steps "${STEPS:-30}" --seq-len "${SEQ:-4096}" --overwrite)
+      CUDA_VISIBLE_DEVICES=0 python3 -m attnkit distill "${common[@]}" --batch-size 2 --out "$OUT/distill-$name-1gpu" \
+        2>&1 | grep -v "it/s\]" | tail -8
+      python3 -m accelerate.commands.launch --config_file configs/accelerate/fsdp2.yaml -m attnkit distill \
+        "${common[@]}" --batch-size 1 --out "$OUT/distill-$name-2gpu-fsdp2" 2>&1 | grep -v "it/s\]" | tail -8
+      python3 -m benchmarks.distill_compare "$OUT/distill-$name-1gpu" "$OUT/distill-$name-2gpu-fsdp2" \
+        --out "$OUT/distill-$name-compare.json"
+      rm -f "$OUT"/distill-*/model.safetensors  # the base weights are not a result (and too large to bring back)
+    done
     ;;
   quest)
     python3 -m pytest -q -x -p no:cacheprovider tests/test_quest_kernels.py 2>&1 | tail -5
