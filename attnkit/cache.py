@@ -102,6 +102,7 @@ class PageBoundsLayer(DynamicLayer):
     """
 
     is_sliding = False
+    supports_early_init = False  # buffers are sized on the first update
 
     def __init__(self, page_size: int = 16, track_bounds: bool = True):
         super().__init__()
@@ -123,7 +124,7 @@ class PageBoundsLayer(DynamicLayer):
         self.min_pad = 0  # min over rows of pad, on the host (how many pages the longest row has)
         self._pad_host: list[int] = []
 
-    def lazy_initialization(self, key_states: torch.Tensor, value_states: torch.Tensor) -> None:
+    def lazy_initialization(self, key_states: torch.Tensor, value_states: torch.Tensor | None = None) -> None:
         self.device = key_states.device
         self.is_initialized = True
 
