@@ -19,6 +19,8 @@ import torch
 from transformers import PreTrainedModel
 from transformers.cache_utils import DynamicCache, DynamicLayer
 
+from attnkit.kernels.page_bounds import fold_last_token
+
 
 class SinkWindowLayer(DynamicLayer):
     """StreamingLLM's cache: the first ``sink`` tokens plus the most recent tokens, ``sink + window`` in all.
@@ -102,6 +104,7 @@ class PageBoundsLayer(DynamicLayer):
     """
 
     is_sliding = False
+    supports_early_init = False  # buffers are sized on the first update
 
     def __init__(self, page_size: int = 16, track_bounds: bool = True):
         super().__init__()
@@ -123,7 +126,7 @@ class PageBoundsLayer(DynamicLayer):
         self.min_pad = 0  # min over rows of pad, on the host (how many pages the longest row has)
         self._pad_host: list[int] = []
 
-    def lazy_initialization(self, key_states: torch.Tensor, value_states: torch.Tensor) -> None:
+    def lazy_initialization(self, key_states: torch.Tensor, value_states: torch.Tensor | None = None) -> None:
         self.device = key_states.device
         self.is_initialized = True
 
@@ -231,8 +234,6 @@ class PageBoundsLayer(DynamicLayer):
     def _fold_one_token(self) -> None:
         """One decode token per row: update its page's bounds in place, or start them if it opens the page (one
         Triton launch on a GPU: :func:`attnkit.kernels.page_bounds.fold_last_token`)."""
-        from attnkit.kernels.page_bounds import fold_last_token
-
         fold_last_token(self._keys, self.page_min, self.page_max, self.last_page, self.length, self.pad, self.page_size)
 
     # ------------------------------------------------------------------------ transformers' cache plumbing

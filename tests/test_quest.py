@@ -45,6 +45,8 @@ def test_page_bounds_equal_brute_force_after_prefill_and_decode(pads, backend, m
     steps fold their token with the PyTorch reference or the Triton kernel)."""
     if backend == "triton":
         pytest.importorskip("triton")
+        if torch.cuda.is_available():
+            pytest.skip("CPU tensors through Triton need the interpreter (CPU-only machines); GPU: test_quest_kernels")
     monkeypatch.setenv("ATTNKIT_KERNELS", backend)
     g = torch.Generator().manual_seed(len(pads))
     b, h, d, page = len(pads), 2, 8, 4
@@ -101,6 +103,8 @@ def test_chosen_pages_and_output_equal_the_reference(share, backend, monkeypatch
     the output is softmax attention over exactly those pages + the last one."""
     if backend == "triton":
         pytest.importorskip("triton")
+        if torch.cuda.is_available():
+            pytest.skip("CPU tensors through Triton need the interpreter (CPU-only machines); GPU: test_quest_kernels")
     monkeypatch.setenv("ATTNKIT_KERNELS", backend)
     g = torch.Generator().manual_seed(5)
     b, hq, hkv, d, page, pads = 2, 6, 2, 16, 4, [0, 6]
@@ -136,7 +140,7 @@ def test_full_budget_equals_dense_generate(tiny, pads):
     last bits, with or without Quest (streaming_llm with nothing evicted shows the same ~1e-7)."""
     model, _ = tiny
     ids, mask = random_batch(model.config.vocab_size, 2, 30, pad_lengths=pads)
-    kwargs = dict(input_ids=ids, attention_mask=mask, max_new_tokens=12, do_sample=False, output_logits=True,
+    kwargs = dict(input_ids=ids, attention_mask=mask, max_new_tokens=8, do_sample=False, output_logits=True,
                   return_dict_in_generate=True)
     dense = model.generate(**kwargs)
     attnkit.apply(model, quest(token_budget=64, dense_layers=[]))
