@@ -51,12 +51,10 @@ from attnkit.attention import attention_modules
 from attnkit.kernels.block_mass import query_block_rows
 from attnkit.kernels.pooled_attention import pooled_attention
 from attnkit.sparsify.seer import AttnGate, SeerAttention, distilling
-from attnkit.train.data import batches, token_sequences
+from attnkit.train.loop import LOSS_FILE, STATE_FILE, TrainingLoop, training_only, write_state
 
 logger = logging.getLogger(__name__)
 
-STATE_FILE = "state.pt"
-LOSS_FILE = "loss.jsonl"
 PLOT_FILE = "loss.png"
 STATE_VERSION = 1
 # Settings that may change between a run and its resumption (everything else must match the saved state): these
@@ -204,156 +202,59 @@ def distill_gates(
             ``accelerate launch``).
     """
     from accelerate import Accelerator
-    from accelerate.utils import broadcast
 
     cfg = method.train
     gates = seer_gates(model, method)
     if not gates:
         raise ValueError("the model has no SeerAttention gates of this method: attnkit.apply(model, recipe) first")
     accelerator = accelerator or Accelerator()
-    rank, world = accelerator.process_index, accelerator.num_processes
     main = accelerator.is_main_process
     device = next(model.parameters()).device
     out = Path(out_dir) if out_dir is not None else None
 
     params = [p for gate in gates.values() for p in gate.parameters()]
-    saved_flags = {p: p.requires_grad for p in model.parameters()}
-    was_training = model.training
-    try:
-        for p in model.parameters():
-            p.requires_grad_(False)
-        for p in params:
-            p.requires_grad_(True)
-        model.eval()
-        if world > 1:
-            with torch.no_grad():
-                for p in params:
-                    p.copy_(broadcast(p.detach().clone(), from_process=0))
+    with training_only(model, params, train=False):
+        loop = TrainingLoop(params, cfg, accelerator, device)
 
-        optimizer = torch.optim.AdamW(params, lr=cfg.lr, weight_decay=cfg.weight_decay)
-        scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, _warmup_cosine(cfg.warmup_steps, cfg.steps))
-        start_step, history, tokens = 0, [], 0
-        state_path = None if out is None else out / STATE_FILE
-        if resume and state_path is not None and state_path.is_file():
-            start_step, tokens = _load_state(state_path, method, gates, optimizer, scheduler, device)
-            history = _read_history(out / LOSS_FILE, start_step)
-        if out is not None and main:
-            out.mkdir(parents=True, exist_ok=True)
-            _write_history(out / LOSS_FILE, history)
+        def load(path: Path) -> tuple[int, int]:
+            return _load_state(path, method, gates, loop.optimizer, loop.scheduler, device)
 
+        def checkpoint(step: int, tokens: int) -> None:
+            _checkpoint(accelerator, out, step, tokens, method, gates, loop.optimizer, loop.scheduler)
+
+        def step_loss(ids: torch.Tensor) -> tuple[torch.Tensor, dict[int, torch.Tensor]]:
+            losses = layer_losses(model, gates, ids, skip_fraction=cfg.loss_skip_fraction)
+            return sum(losses.values()), losses
+
+        def row(*, step, loss, parts, lr, tokens, seconds) -> dict[str, Any]:
+            layers = {str(i): round(v, 6) for i, v in parts.items()}
+            return {
+                "step": step, "loss": loss, "layers": layers, "lr": lr, "tokens": tokens, "seconds": seconds,
+            }
+
+        loop.start(out, load if resume else None)
+        start_step, start_tokens = loop.step, loop.tokens
         source = data if data is not None else cfg.data
         tok = tokenizer if tokenizer is not None else getattr(model, "attnkit_tokenizer", None)
-        stream = token_sequences(
-            source, tok, cfg.seq_len, seed=cfg.seed, rank=rank, world=world,
-            data_config=cfg.data_config, split=cfg.data_split, text_field=cfg.text_field,
-        )
-        stream = batches(stream, cfg.batch_size)
-        for _ in range(start_step * cfg.grad_accum):  # the batches the resumed steps used
-            next(stream)
+        stream = loop.batches(source, tok, skip_steps=start_step)
 
-        result = DistillResult(start_step, history[-1]["loss"] if history else None, history, 0.0, tokens, start_step, out)
         if device.type == "cuda":
             torch.cuda.reset_peak_memory_stats(device)
-        started = time.perf_counter()
-        with _progress(show_progress and main, cfg.steps, start_step) as advance:
-            for step in range(start_step, cfg.steps):
-                step_loss, per_layer = torch.zeros((), device=device), {}
-                for _ in range(cfg.grad_accum):
-                    ids = next(stream).to(device)
-                    losses = layer_losses(model, gates, ids, skip_fraction=cfg.loss_skip_fraction)
-                    loss = sum(losses.values()) / cfg.grad_accum
-                    loss.backward()
-                    step_loss += loss.detach()
-                    for idx, value in losses.items():
-                        per_layer[idx] = per_layer.get(idx, 0.0) + value.detach() / cfg.grad_accum
-                    tokens += ids.numel() * world
-                if world > 1:
-                    for p in params:
-                        if p.grad is not None:
-                            p.grad = accelerator.reduce(p.grad, reduction="mean")
-                if cfg.max_grad_norm is not None:
-                    torch.nn.utils.clip_grad_norm_(params, cfg.max_grad_norm)
-                lr = optimizer.param_groups[0]["lr"]
-                optimizer.step()
-                scheduler.step()
-                optimizer.zero_grad(set_to_none=True)
-                done = step + 1
-                if done % cfg.log_every == 0 or done == cfg.steps:
-                    layer_ids = sorted(per_layer)
-                    logged = torch.stack([step_loss, *(per_layer[i] for i in layer_ids)])
-                    if world > 1:
-                        logged = accelerator.reduce(logged, reduction="mean")
-                    logged = logged.tolist()
-                    row = {
-                        "step": done,
-                        "loss": logged[0],
-                        "layers": {str(i): round(v, 6) for i, v in zip(layer_ids, logged[1:], strict=True)},
-                        "lr": lr,
-                        "tokens": tokens,
-                        "seconds": round(time.perf_counter() - started, 3),
-                    }
-                    history.append(row)
-                    result.loss = row["loss"]
-                    if out is not None and main:
-                        with (out / LOSS_FILE).open("a") as f:
-                            f.write(json.dumps(row) + "\n")
-                advance(done, result.loss)
-                if out is not None and cfg.checkpoint_every and done % cfg.checkpoint_every == 0 and done < cfg.steps:
-                    _checkpoint(accelerator, out, done, tokens, method, gates, optimizer, scheduler)
-        result.seconds = time.perf_counter() - started
+        loop.run(
+            step_loss, stream, row, label="distilling gates", show_progress=show_progress, out=out,
+            checkpoint=checkpoint if out is not None else None,
+        )
+        result = DistillResult(
+            loop.step, loop.loss, loop.history, loop.seconds, loop.tokens, start_step, out,
+            tokens_this_run=loop.tokens - start_tokens,
+        )
         if device.type == "cuda":
             result.peak_memory_mb = torch.cuda.max_memory_allocated(device) / 2**20
-        result.tokens_this_run = tokens - result.tokens  # result.tokens still holds the resumed count
-        result.steps, result.tokens = max(cfg.steps, start_step), tokens
         if out is not None:
-            _checkpoint(accelerator, out, result.steps, tokens, method, gates, optimizer, scheduler)
+            checkpoint(result.steps, result.tokens)
             if main:
                 plot_loss(out / LOSS_FILE, out / PLOT_FILE)
         return result
-    finally:
-        for p, flag in saved_flags.items():
-            p.requires_grad_(flag)
-        for p in params:
-            p.grad = None
-        model.train(was_training)
-
-
-def _warmup_cosine(warmup: int, total: int):
-    def factor(step: int) -> float:
-        if warmup and step < warmup:
-            return (step + 1) / warmup
-        span = max(1, total - warmup)
-        return 0.5 * (1 + math.cos(math.pi * min(1.0, (step - warmup) / span)))
-
-    return factor
-
-
-@contextlib.contextmanager
-def _progress(enabled: bool, total: int, start: int, label: str = "distilling gates"):
-    """A rich progress bar with the running loss; yields ``advance(step, loss)``."""
-    if not enabled:
-        yield lambda step, loss: None
-        return
-    from rich.progress import (
-        BarColumn,
-        MofNCompleteColumn,
-        Progress,
-        TextColumn,
-        TimeElapsedColumn,
-        TimeRemainingColumn,
-    )
-
-    columns = (
-        TextColumn(f"[bold]{label}"), BarColumn(), MofNCompleteColumn(), TextColumn("loss {task.fields[loss]}"),
-        TimeElapsedColumn(), TimeRemainingColumn(),
-    )
-    with Progress(*columns, transient=False) as progress:
-        task = progress.add_task("distill", total=total, completed=start, loss="-")
-
-        def advance(step: int, loss: float | None) -> None:
-            progress.update(task, completed=step, loss="-" if loss is None else f"{loss:.4f}")
-
-        yield advance
 
 
 # -------------------------------------------------------------------------------------------- state files
@@ -374,9 +275,7 @@ def _checkpoint(accelerator, out: Path, step: int, tokens: int, method, gates, o
             "optimizer": optimizer.state_dict(),
             "scheduler": scheduler.state_dict(),
         }
-        tmp = out / f".{STATE_FILE}.tmp"
-        torch.save(state, tmp)
-        os.replace(tmp, out / STATE_FILE)
+        write_state(out / STATE_FILE, state)
     accelerator.wait_for_everyone()
 
 
@@ -397,17 +296,6 @@ def _load_state(path: Path, method, gates, optimizer, scheduler, device) -> tupl
     optimizer.load_state_dict(state["optimizer"])
     scheduler.load_state_dict(state["scheduler"])
     return int(state["step"]), int(state["tokens"])
-
-
-def _read_history(path: Path, upto: int) -> list[dict[str, Any]]:
-    if not path.is_file():
-        return []
-    rows = [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
-    return [row for row in rows if row["step"] <= upto]
-
-
-def _write_history(path: Path, rows: list[dict[str, Any]]) -> None:
-    path.write_text("".join(json.dumps(row) + "\n" for row in rows))
 
 
 def plot_loss(

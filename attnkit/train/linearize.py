@@ -29,12 +29,11 @@ given the same ``out_dir`` resumes from it.
 from __future__ import annotations
 
 import contextlib
-import json
 import math
 import os
 import shutil
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -43,11 +42,9 @@ from torch import nn
 
 from attnkit.attention import attention_modules
 from attnkit.convert.linearize import LinearAttention, Linearize, linear_layers
-from attnkit.train.data import batches, token_sequences
 from attnkit.train.distill import DistillReport, DistillResult, plot_loss
+from attnkit.train.loop import LOSS_FILE, STATE_FILE, StepLoss, TrainingLoop, training_only, write_state
 
-STATE_FILE = "state.pt"
-LOSS_FILE = "loss.jsonl"
 PLOT_FILE = "loss.png"
 STATE_VERSION = 1
 _RESUMABLE_CHANGES = ("steps", "checkpoint_every", "log_every")
@@ -281,7 +278,7 @@ def finetune_lora(
 def _train(
     model: nn.Module,
     params: dict[str, nn.Parameter],
-    step_loss: Callable[[torch.Tensor], tuple[torch.Tensor, dict[int, torch.Tensor]]],
+    step_loss: StepLoss,
     cfg: Any,
     method: Linearize,
     stage: str,
@@ -296,115 +293,49 @@ def _train(
     frozen_forward: bool,
 ) -> DistillResult:
     from accelerate import Accelerator
-    from accelerate.utils import broadcast
-
-    from attnkit.train.distill import _progress, _warmup_cosine
 
     accelerator = accelerator or Accelerator()
-    rank, world = accelerator.process_index, accelerator.num_processes
     main = accelerator.is_main_process
     device = next(model.parameters()).device
     out = Path(out_dir) if out_dir is not None else None
     trainable = list(params.values())
-    saved_flags = {p: p.requires_grad for p in model.parameters()}
-    was_training = model.training
-    try:
-        for p in model.parameters():
-            p.requires_grad_(False)
-        for p in trainable:
-            p.requires_grad_(True)
-        # No dropout in the frozen forward (attnkit attention refuses attention dropout); LoRA dropout needs train().
-        model.train(not frozen_forward and getattr(cfg, "dropout", 0.0) > 0)
-        if world > 1:
-            with torch.no_grad():
-                for p in trainable:
-                    p.copy_(broadcast(p.detach().clone(), from_process=0))
-        optimizer = torch.optim.AdamW(trainable, lr=cfg.lr, weight_decay=cfg.weight_decay)
-        scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, _warmup_cosine(cfg.warmup_steps, cfg.steps))
-        start_step, history, tokens = 0, [], 0
-        state_path = None if out is None else out / STATE_FILE
-        if resume and state_path is not None and state_path.is_file():
-            start_step, tokens = _load_state(state_path, method, stage, params, optimizer, scheduler, device)
-            history = _read_history(out / LOSS_FILE, start_step)
-        if out is not None and main:
-            out.mkdir(parents=True, exist_ok=True)
-            (out / LOSS_FILE).write_text("".join(json.dumps(row) + "\n" for row in history))
+    # No dropout in the frozen forward (attnkit attention refuses attention dropout); LoRA's needs train().
+    with training_only(model, trainable, train=not frozen_forward and getattr(cfg, "dropout", 0.0) > 0):
+        loop = TrainingLoop(trainable, cfg, accelerator, device)
 
+        def load(path: Path) -> tuple[int, int]:
+            return _load_state(path, method, stage, params, loop.optimizer, loop.scheduler, device)
+
+        def checkpoint(step: int, tokens: int) -> None:
+            _checkpoint(accelerator, out, step, tokens, method, stage, params, loop.optimizer, loop.scheduler)
+
+        def row(*, step, loss, parts, lr, tokens, seconds) -> dict[str, Any]:
+            layers = {str(i): round(v, 8) for i, v in parts.items()}
+            return {
+                "step": step, "stage": stage, "loss": loss, "layers": layers, "lr": lr, "tokens": tokens,
+                "seconds": seconds,
+            }
+
+        loop.start(out, load if resume else None)
+        start_step, start_tokens = loop.step, loop.tokens
         source = data if data is not None else cfg.data
         tok = tokenizer if tokenizer is not None else getattr(model, "attnkit_tokenizer", None)
-        stream = token_sequences(
-            source, tok, cfg.seq_len, seed=cfg.seed, rank=rank, world=world,
-            data_config=cfg.data_config, split=cfg.data_split, text_field=cfg.text_field,
-        )
-        stream = batches(stream, cfg.batch_size)
-        for _ in range(start_step * cfg.grad_accum):  # the batches the resumed steps used
-            next(stream)
+        stream = loop.batches(source, tok, skip_steps=start_step)
 
-        result = DistillResult(
-            start_step, history[-1]["loss"] if history else None, history, 0.0, tokens, start_step, out, label=label
+        loop.run(
+            step_loss, stream, row, label=label, show_progress=show_progress, out=out,
+            checkpoint=checkpoint if out is not None else None,
         )
-        started = time.perf_counter()
-        with _progress(show_progress and main, cfg.steps, start_step, label) as advance:
-            for step in range(start_step, cfg.steps):
-                step_total, per_layer = torch.zeros((), device=device), {}
-                for _ in range(cfg.grad_accum):
-                    ids = next(stream).to(device)
-                    loss, parts = step_loss(ids)
-                    if loss.requires_grad:  # stage 1 back-propagates layer by layer inside step_loss
-                        (loss / cfg.grad_accum).backward()
-                    step_total += loss.detach() / cfg.grad_accum
-                    for idx, value in parts.items():
-                        per_layer[idx] = per_layer.get(idx, 0.0) + value.detach() / cfg.grad_accum
-                    tokens += ids.numel() * world
-                if world > 1:
-                    for p in trainable:
-                        if p.grad is not None:
-                            p.grad = accelerator.reduce(p.grad, reduction="mean")
-                if cfg.max_grad_norm is not None:
-                    torch.nn.utils.clip_grad_norm_(trainable, cfg.max_grad_norm)
-                lr = optimizer.param_groups[0]["lr"]
-                optimizer.step()
-                scheduler.step()
-                optimizer.zero_grad(set_to_none=True)
-                done = step + 1
-                if done % cfg.log_every == 0 or done == cfg.steps:
-                    layer_ids = sorted(per_layer)
-                    logged = torch.stack([step_total, *(per_layer[i] for i in layer_ids)])
-                    if world > 1:
-                        logged = accelerator.reduce(logged, reduction="mean")
-                    logged = logged.tolist()
-                    row = {
-                        "step": done,
-                        "stage": stage,
-                        "loss": logged[0],
-                        "layers": {str(i): round(v, 8) for i, v in zip(layer_ids, logged[1:], strict=True)},
-                        "lr": lr,
-                        "tokens": tokens,
-                        "seconds": round(time.perf_counter() - started, 3),
-                    }
-                    history.append(row)
-                    result.loss = row["loss"]
-                    if out is not None and main:
-                        with (out / LOSS_FILE).open("a") as f:
-                            f.write(json.dumps(row) + "\n")
-                advance(done, result.loss)
-                if out is not None and cfg.checkpoint_every and done % cfg.checkpoint_every == 0 and done < cfg.steps:
-                    _checkpoint(accelerator, out, done, tokens, method, stage, params, optimizer, scheduler)
-        result.seconds = time.perf_counter() - started
-        result.tokens_this_run = tokens - result.tokens
-        result.steps, result.tokens = max(cfg.steps, start_step), tokens
+        result = DistillResult(
+            loop.step, loop.loss, loop.history, loop.seconds, loop.tokens, start_step, out,
+            tokens_this_run=loop.tokens - start_tokens, label=label,
+        )
         if out is not None:
-            _checkpoint(accelerator, out, result.steps, tokens, method, stage, params, optimizer, scheduler)
+            checkpoint(result.steps, result.tokens)
             if main:
                 ylabel = "MSE(linear, softmax attention output)" if frozen_forward else f"{cfg.loss} loss"
                 plot_loss(out / LOSS_FILE, out / PLOT_FILE, ylabel=ylabel, title=f"linearize: {label}")
         return result
-    finally:
-        for p, flag in saved_flags.items():
-            p.requires_grad_(flag)
-        for p in trainable:
-            p.grad = None
-        model.train(was_training)
 
 
 def _comparable(method: Linearize | dict, stage: str) -> dict:
@@ -426,9 +357,7 @@ def _checkpoint(accelerator, out: Path, step, tokens, method, stage, params, opt
             "optimizer": optimizer.state_dict(),
             "scheduler": scheduler.state_dict(),
         }
-        tmp = out / f".{STATE_FILE}.tmp"
-        torch.save(state, tmp)
-        os.replace(tmp, out / STATE_FILE)
+        write_state(out / STATE_FILE, state)
     accelerator.wait_for_everyone()
 
 
@@ -449,13 +378,6 @@ def _load_state(path: Path, method, stage, params, optimizer, scheduler, device)
     optimizer.load_state_dict(state["optimizer"])
     scheduler.load_state_dict(state["scheduler"])
     return int(state["step"]), int(state["tokens"])
-
-
-def _read_history(path: Path, upto: int) -> list[dict[str, Any]]:
-    if not path.is_file():
-        return []
-    rows = [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
-    return [row for row in rows if row["step"] <= upto]
 
 
 # ----------------------------------------------------------------------------------------------- pipeline

@@ -18,9 +18,7 @@ which :func:`attnkit.convert` writes to ``<out>/train/loss.jsonl`` + ``loss.png`
 
 from __future__ import annotations
 
-import json
 import os
-import time
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -29,8 +27,8 @@ import torch
 from torch import nn
 
 from attnkit.convert.conversion import RecoverySpec
-from attnkit.train.data import batches, token_sequences
-from attnkit.train.distill import LOSS_FILE, PLOT_FILE, _progress, _warmup_cosine, plot_loss
+from attnkit.train.distill import LOSS_FILE, PLOT_FILE, plot_loss
+from attnkit.train.loop import TrainingLoop
 
 # The attention projections of Llama/Qwen2 attention and of attnkit's MLA module.
 RECOVERY_PLOT_TITLE = "recovery distillation from the original model"
@@ -138,7 +136,7 @@ def recover(
     from accelerate import Accelerator
 
     accelerator = accelerator or Accelerator()
-    rank, world, main = accelerator.process_index, accelerator.num_processes, accelerator.is_main_process
+    main = accelerator.is_main_process
     device = next(student.parameters()).device
     teacher.to(device).eval()
     teacher.requires_grad_(False)  # the teacher is frozen (its weights are never trained)
@@ -157,69 +155,38 @@ def recover(
     result = RecoveryResult(0, None, None, trainable_parameters=sum(p.numel() for p in params))
     try:
         student.train()  # no dropout in these models; train() only for modules that check it
-        if world > 1:
-            from accelerate.utils import broadcast
-
-            with torch.no_grad():
-                for p in params:
-                    p.copy_(broadcast(p.detach().clone(), from_process=0))
-        optimizer = torch.optim.AdamW(params, lr=spec.lr, weight_decay=spec.weight_decay)
-        scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, _warmup_cosine(spec.warmup_steps, spec.steps))
+        loop = TrainingLoop(params, spec, accelerator, device)
         tok = tokenizer if tokenizer is not None else getattr(student, "attnkit_tokenizer", None)
-        source = data if data is not None else spec.data
-        stream = batches(token_sequences(source, tok, spec.seq_len, seed=spec.seed, rank=rank, world=world,
-                                         data_config=spec.data_config, split=spec.data_split,
-                                         text_field=spec.text_field), spec.batch_size)
-        if out is not None and main:
-            out.mkdir(parents=True, exist_ok=True)
-            (out / LOSS_FILE).write_text("")
+        stream = loop.batches(data if data is not None else spec.data, tok)
+        loop.start(out)  # an empty loss.jsonl (nothing to resume)
         hidden = spec.hidden_mse > 0
-        started = time.perf_counter()
-        with _progress(show_progress and main, spec.steps, 0, label="recovery distillation") as advance:
-            for step in range(spec.steps):
-                sums = torch.zeros(3, device=device)  # loss, kl, mse
-                for _ in range(spec.grad_accum):
-                    ids = next(stream).to(device)
-                    with torch.no_grad():
-                        t_out = teacher(input_ids=ids, use_cache=False, output_hidden_states=hidden)
-                    s_out = student(input_ids=ids, use_cache=False, output_hidden_states=hidden)
-                    kl, mse = distillation_losses(
-                        s_out.logits, t_out.logits, spec.temperature,
-                        s_out.hidden_states[1:] if hidden else None, t_out.hidden_states[1:] if hidden else None,
-                    )
-                    loss = kl + (spec.hidden_mse * mse if mse is not None else 0.0)
-                    (loss / spec.grad_accum).backward()
-                    sums += torch.stack([loss.detach(), kl.detach(), (mse.detach() if mse is not None
-                                                                      else torch.zeros((), device=device))]) / spec.grad_accum
-                    result.tokens += ids.numel() * world
-                if world > 1:
-                    for p in params:
-                        if p.grad is not None:
-                            p.grad = accelerator.reduce(p.grad, reduction="mean")
-                if spec.max_grad_norm is not None:
-                    torch.nn.utils.clip_grad_norm_(params, spec.max_grad_norm)
-                lr = optimizer.param_groups[0]["lr"]
-                optimizer.step()
-                scheduler.step()
-                optimizer.zero_grad(set_to_none=True)
-                done = step + 1
-                if done % spec.log_every == 0 or done == spec.steps or done == 1:
-                    logged = accelerator.reduce(sums, reduction="mean") if world > 1 else sums
-                    loss_v, kl_v, mse_v = logged.tolist()
-                    row = {"step": done, "loss": loss_v, "kl": kl_v, "lr": lr, "tokens": result.tokens,
-                           "seconds": round(time.perf_counter() - started, 3)}
-                    if hidden:
-                        row["hidden_mse"] = mse_v
-                    result.history.append(row)
-                    result.loss = loss_v
-                    if result.first_loss is None:
-                        result.first_loss = loss_v
-                    if out is not None and main:
-                        with (out / LOSS_FILE).open("a") as f:
-                            f.write(json.dumps(row) + "\n")
-                advance(done, result.loss)
-        result.steps = spec.steps
-        result.seconds = time.perf_counter() - started
+
+        def step_loss(ids: torch.Tensor) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+            with torch.no_grad():
+                t_out = teacher(input_ids=ids, use_cache=False, output_hidden_states=hidden)
+            s_out = student(input_ids=ids, use_cache=False, output_hidden_states=hidden)
+            kl, mse = distillation_losses(
+                s_out.logits, t_out.logits, spec.temperature,
+                s_out.hidden_states[1:] if hidden else None, t_out.hidden_states[1:] if hidden else None,
+            )
+            loss = kl + (spec.hidden_mse * mse if mse is not None else 0.0)
+            return loss, {"kl": kl, "mse": mse if mse is not None else torch.zeros((), device=device)}
+
+        def row(*, step, loss, parts, lr, tokens, seconds) -> dict[str, Any]:
+            entry = {
+                "step": step, "loss": loss, "kl": parts["kl"], "lr": lr, "tokens": tokens, "seconds": seconds,
+            }
+            if hidden:
+                entry["hidden_mse"] = parts["mse"]
+            return entry
+
+        loop.run(
+            step_loss, stream, row, label="recovery distillation", show_progress=show_progress, out=out,
+            log_first=True,
+        )
+        result.steps, result.loss, result.history = loop.step, loop.loss, loop.history
+        result.first_loss = loop.history[0]["loss"] if loop.history else None
+        result.seconds, result.tokens = loop.seconds, loop.tokens
         if out is not None and main:
             plot_loss(out / LOSS_FILE, out / PLOT_FILE, **result.plot_labels)
     finally:
