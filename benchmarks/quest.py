@@ -187,7 +187,14 @@ def _refold_last(cache) -> None:
 # ------------------------------------------------------------------------------------------- model TPOT
 @torch.no_grad()
 def model_tpot(
-    layers: int, length: int, budget: int, page: int, new_tokens: int, warmup: int, shape: str = "llama3-8b"
+    layers: int,
+    length: int,
+    budget: int,
+    page: int,
+    new_tokens: int,
+    warmup: int,
+    shape: str = "llama3-8b",
+    prefill_chunk: int = 16384,
 ) -> dict:
     from transformers import DynamicCache
 
@@ -207,7 +214,11 @@ def model_tpot(
         if step is not None:
             attnkit.apply(model, {"attnkit": 1, "name": name, "steps": [step]})
         cache = attnkit.make_cache(model) or DynamicCache(config=model.config)
-        logits = model(input_ids=ids, past_key_values=cache, use_cache=True, logits_to_keep=1).logits
+        # Chunked prefill: one 128K forward of the 8B shape needs ~80 GB of activations (the MLP's
+        # [128K, 14336] intermediates); chunks of 16K keep it to the weights plus the cache.
+        for start in range(0, length, prefill_chunk):
+            chunk = ids[:, start : start + prefill_chunk]
+            logits = model(input_ids=chunk, past_key_values=cache, use_cache=True, logits_to_keep=1).logits
         token = logits[:, -1:].argmax(-1)
         times = []
         for i in range(warmup + new_tokens):
@@ -328,6 +339,7 @@ def main(argv: list[str] | None = None) -> dict:
     ap.add_argument("--model-layers", type=int, default=32, help="layers of the TPOT model (0: skip part 2)")
     ap.add_argument("--model-length", default="128k")
     ap.add_argument("--new-tokens", type=int, default=32)
+    ap.add_argument("--prefill-chunk", type=int, default=16384, help="tokens per prefill forward of the TPOT model")
     ap.add_argument("--no-model", action="store_true", help="skip part 2 (time per output token)")
     ap.add_argument("--out", default="runs/bench")
     ap.add_argument("--kernel-report", action="store_true", help="only compile the kernels for sm_90 and print their "
@@ -346,7 +358,7 @@ def main(argv: list[str] | None = None) -> dict:
     result["env"]["command"] = "python -m benchmarks.quest " + " ".join(argv if argv is not None else __import__("sys").argv[1:])
     out = Path(args.out) / f"quest-{time.strftime('%Y%m%d-%H%M%S')}.json"
     out.parent.mkdir(parents=True, exist_ok=True)
-    for batch in (int(b) for b in args.batches.split(",")):
+    for batch in (int(b) for b in args.batches.split(",") if args.lengths):  # --lengths "": only part 2
         for length in (parse_length(x) for x in args.lengths.split(",")):
             point = bench_point(batch, length, args.page_size, args.token_budget, torch.bfloat16)
             result["points"].append(point)
@@ -355,7 +367,7 @@ def main(argv: list[str] | None = None) -> dict:
     if not args.no_model and args.model_layers > 0:
         print(f"model: llama3-8b x{args.model_layers} layers at {args.model_length}", flush=True)
         result["model"] = model_tpot(args.model_layers, parse_length(args.model_length), args.token_budget,
-                                     args.page_size, args.new_tokens, warmup=4)
+                                     args.page_size, args.new_tokens, warmup=4, prefill_chunk=args.prefill_chunk)
         out.write_text(json.dumps(result, indent=1))
     print(markdown(result))
     print(f"wrote {out}")
