@@ -37,6 +37,11 @@
 #              /root/attnkit-models/parts/NAME, so parts can arrive in any order, riding along other stages
 #   assemble   join the parts into the two GGUF files (s* -> SmolLM2, q* -> qwen) and check their SHA256
 # Everything it writes goes to $OUT (the device tool brings it back).
+# Durations seen on an H100 (2026-12-05), to plan the 10-minute calls: quest ~125 s (tests 61 s) + ~100 s of TPOT;
+# conversion-decode b1 ~140 s, b8 ~60 s; linear (benchmark only, 4 lengths, --repeat 5) ~60 s; quest-smol > 200 s,
+# linear-smol > 150 s, conversion > 200 s for the smol gqa recipe alone (these three got no further within those
+# limits: give each its own call). Stages pipe through `tail`, so a stage killed by `timeout` prints nothing: tee
+# to a file under $OUT when running one under a limit. assemble needs .devstage/SHA256 carried along.
 set -uo pipefail
 stage=${1:?stage}
 export PYTHONPATH=/tmp/site:$PWD PYTHONUNBUFFERED=1 HF_HUB_OFFLINE=1 TRANSFORMERS_VERBOSITY=error
