@@ -87,6 +87,110 @@ def test_cached_decode_equals_full_forward(tiny):
     assert stored_key.shape == (2, 1, 35, 12) and stored_value.shape == (2, 1, 35, 8)  # latent + rope key only
 
 
+def _random_mla_attention(q_heads: int, kv_heads: int, head_dim: int, rank: int, rope_frequencies: list[int],
+                          seed: int) -> MLAAttention:
+    """An MLA module with random weights (its math, not a conversion, is under test)."""
+    from types import SimpleNamespace
+
+    from attnkit.convert.mla import MLALayer
+
+    torch.manual_seed(seed)
+    layer = MLALayer(0, 32, q_heads, kv_heads, head_dim, rank, rope_frequencies, 1, q_bias=False, kv_bias=False,
+                     o_bias=False, latent_norm=False, eps=1e-6)
+    for parameter in layer.parameters():
+        torch.nn.init.normal_(parameter, std=0.3)
+    config = SimpleNamespace(_attn_implementation="sdpa")
+    return MLAAttention(layer, config, scaling=head_dim**-0.5, absorb="decode")
+
+
+def _previous_absorbed(attention: MLAAttention, q_nope, q_rope, latent, k_rope, mask) -> torch.Tensor:
+    """The absorbed one-token step as it was before ``_latent_decode``: concatenate [latent; k_rope] into one key
+    and run SDPA (heads folded into the query rows, or the 4D-mask branch)."""
+    from attnkit.convert.mla import _linear_weight
+
+    layer = attention.attnkit
+    per = layer.q_heads // layer.kv_heads
+    w = _linear_weight(layer.kv_b_proj).view(layer.kv_heads, 2 * layer.head_dim, layer.rank)
+    w_k, w_v = w[:, : layer.head_dim], w[:, layer.head_dim :]
+    bsz, hq, sq, d = q_nope.shape
+    q_lat = torch.einsum("bgpsd,gdr->bgpsr", q_nope.view(bsz, layer.kv_heads, per, sq, d), w_k)
+    query = torch.cat([q_lat.reshape(bsz, hq, sq, layer.rank), q_rope], -1)
+    key = torch.cat([latent, k_rope], -1)
+    if mask is not None and mask.dim() == 4:
+        out_lat = attention._attend(query, key, latent, mask, dispatch=False)
+    else:
+        out_lat = attention._latent_attention(query, key, latent, mask)
+    out = torch.einsum("bgpsr,gdr->bgpsd", out_lat.view(bsz, layer.kv_heads, per, sq, layer.rank), w_v)
+    return out.reshape(bsz, hq, sq, d)
+
+
+def _decode_mask(kind: str, lengths: list[int], sk: int):
+    """None, or a mask of ``kind`` letting row ``b`` see its last ``lengths[b]`` keys (left padding)."""
+    if kind == "none":
+        return None
+    real = torch.stack([torch.arange(sk) >= sk - n for n in lengths])  # [B, Sk], True = real token
+    if kind == "padding-2d":
+        return real
+    if kind == "bool-4d":
+        return real[:, None, None, :]
+    return torch.zeros(real.shape).masked_fill(~real, torch.finfo(torch.float32).min)[:, None, None, :]  # additive
+
+
+@pytest.mark.parametrize("mask_kind", ["none", "padding-2d", "bool-4d", "float-4d"])
+@pytest.mark.parametrize(("batch", "q_heads", "kv_heads", "sk", "rank"), [
+    (1, 4, 4, 1, 7), (2, 6, 2, 37, 11), (2, 9, 3, 129, 24), (3, 4, 1, 65, 5)],
+    ids=["B1-Hq4-Hkv4-Sk1-r7", "B2-Hq6-Hkv2-Sk37-r11", "B2-Hq9-Hkv3-Sk129-r24", "B3-Hq4-Hkv1-Sk65-r5"])
+def test_latent_decode_equals_unabsorbed_and_previous(batch, q_heads, kv_heads, sk, rank, mask_kind, nan_empty):
+    """The one-token absorbed step (two matmuls over the cache in place) == the unabsorbed path == the previous
+    concatenate-then-SDPA formula, at odd cache lengths, GQA/MQA/MHA, left-padded batches, every mask form."""
+    head_dim, rope = 16, [0, 2, 4, 6]
+    attention = _random_mla_attention(q_heads, kv_heads, head_dim, rank, rope, seed=sk)
+    g = torch.Generator().manual_seed(sk + batch)
+    q_nope = torch.randn(batch, q_heads, 1, head_dim, generator=g)
+    q_rope = torch.randn(batch, q_heads, 1, 2 * len(rope), generator=g)
+    latent = torch.randn(batch, 1, sk, rank, generator=g)
+    k_rope = torch.randn(batch, 1, sk, 2 * len(rope), generator=g)
+    lengths = [sk - (3 * b) % sk for b in range(batch)]  # row 0 unpadded, later rows left-padded
+    mask = _decode_mask(mask_kind, lengths, sk)
+    with torch.no_grad():
+        new = attention._absorbed(q_nope, q_rope, latent, k_rope, mask)
+        unabsorbed = attention._unabsorbed(q_nope, q_rope, latent, k_rope, mask)
+        previous = _previous_absorbed(attention, q_nope, q_rope, latent, k_rope, mask)
+    assert new.shape == (batch, q_heads, 1, head_dim)
+    torch.testing.assert_close(new, previous, rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(new, unabsorbed, rtol=1e-5, atol=1e-5)
+
+
+def test_latent_decode_fully_masked_row_is_zero():
+    """A query that sees no key gets zeros, as the previous SDPA path gave (not NaN)."""
+    attention = _random_mla_attention(4, 2, 16, 9, [0, 2, 4, 6], seed=0)
+    q_nope, q_rope = torch.randn(2, 4, 1, 16), torch.randn(2, 4, 1, 8)
+    latent, k_rope = torch.randn(2, 1, 5, 9), torch.randn(2, 1, 5, 8)
+    mask = torch.tensor([[True] * 5, [False] * 5])
+    with torch.no_grad():
+        new = attention._absorbed(q_nope, q_rope, latent, k_rope, mask)
+        previous = _previous_absorbed(attention, q_nope, q_rope, latent, k_rope, mask)
+    assert torch.equal(new[1], torch.zeros_like(new[1]))
+    torch.testing.assert_close(new, previous, rtol=1e-5, atol=1e-5)
+
+
+def test_padded_cached_decode_absorbed_equals_unabsorbed(tiny):
+    """Left-padded batch, cached one-token steps: absorb=decode (the latent decode path) == absorb=never."""
+    model, _ = tiny
+    ids, mask = random_batch(model.config.vocab_size, 2, 27, pad_lengths=[0, 6])
+    attnkit.apply(model, mla_recipe(kv_rank=13, rope_dim=8), data=CALIBRATION_IDS)
+    runs = {}
+    for absorb in ("decode", "never"):
+        set_absorb(model, absorb)
+        cache = DynamicCache()
+        steps = [logits(model, ids[:, :21], attention_mask=mask[:, :21], past_key_values=cache, use_cache=True)[:, -1]]
+        for t in range(21, 27):
+            steps.append(logits(model, ids[:, t : t + 1], attention_mask=mask[:, : t + 1], past_key_values=cache,
+                                use_cache=True)[:, -1])
+        runs[absorb] = torch.stack(steps, 1)
+    torch.testing.assert_close(runs["decode"], runs["never"], rtol=1e-4, atol=1e-4)
+
+
 def test_generate_with_and_without_cache(tiny):
     model, tokenizer = tiny
     attnkit.apply(model, mla_recipe(kv_rank=16, rope_dim=8), data=CALIBRATION_IDS)

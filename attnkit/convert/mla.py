@@ -22,8 +22,9 @@ Per converted layer, with ``Hq`` query heads, ``Hkv`` KV heads of size ``D`` (pr
    "value" of a transformers cache layer). Two equal paths (tested): *unabsorbed* expands ``c`` to per-head keys and
    values (a GQA attention with key size ``D + rope_dim``, run through attnkit's dispatcher, so prefill sparsity
    still composes); *absorbed* folds ``B_k`` into the query (``q_lat = B_kᵀ q_nope``) and ``B_v`` after the
-   attention, an MQA over the latent itself with the heads folded into the query rows, so the latent is never
-   copied per head (``absorb: decode`` uses it for one-token steps).
+   attention, an MQA over the latent itself, so the latent is never copied per head (``absorb: decode`` uses it
+   for one-token steps, as two batched matmuls over all heads that read the cache in place; longer chunks fold the
+   heads into SDPA's query rows).
 
 Exact conversions (tested): ``rope_dim = Hkv·D`` with full rank reproduces the original logits; any setting's
 absorbed and unabsorbed paths agree, cached decoding equals the full forward, and ``attnkit.save`` → ``load``
@@ -312,20 +313,56 @@ class MLAAttention(nn.Module):
             query.reshape(bsz, 1, hq * sq, e), key, latent, attn_mask=mask, scale=self.scaling)
         return out.view(bsz, hq, sq, latent.shape[-1])
 
+    def _latent_decode(self, q_lat, q_rope, latent, k_rope, mask) -> torch.Tensor:
+        """One-token step of the absorbed path: every head attends over the one latent "head".
+
+        ``q_lat [B, Hq, 1, r]``, ``q_rope [B, Hq, 1, rope_dim]``, ``latent [B, 1, Sk, r]``, ``k_rope [B, 1, Sk,
+        rope_dim]`` (the cache); ``mask``: None, a key-padding mask ``[B, Sk]`` (True = real token) or a 4D mask
+        broadcastable to ``[B, Hq, 1, Sk]`` (bool, True = attend, or additive float). Returns ``[B, Hq, 1, r]``:
+        ``softmax(scale·(q_lat·latentᵀ + q_rope·k_ropeᵀ)) · latent``, scores and softmax in fp32; a query that sees
+        no key gets zeros (as SDPA). The one query is the last position, so causality needs no mask.
+        """
+        # Two batched matmuls over all heads ([B, Hq, r] × [B, r, Sk]) instead of cat([latent, k_rope]) + SDPA: no
+        # per-step copy of the cache, and SDPA would fall to the math kernel for key size r + rope_dim ≠ value size r.
+        lat = latent[:, 0]  # [B, Sk, r]
+        scores = torch.bmm(q_lat[:, :, 0] * self.scaling, lat.transpose(1, 2)).float()  # [B, Hq, Sk]
+        scores += torch.bmm(q_rope[:, :, 0] * self.scaling, k_rope[:, 0].transpose(1, 2)).float()
+        if mask is not None:
+            if mask.dim() == 2:
+                mask = mask[:, None, :]  # [B, 1, Sk]
+            elif mask.dim() == 4:
+                mask = mask[:, :, -1]  # [B or 1, Hq or 1, Sk]: the one query row
+            else:
+                raise ValueError(
+                    f"layer {self.layer_idx}: MLA decode expects a [B, Sk] or 4D mask, got {tuple(mask.shape)}")
+            if mask.dtype == torch.bool or not mask.is_floating_point():
+                scores = scores.masked_fill(~mask.bool(), float("-inf"))
+            else:
+                scores = scores + mask.float()
+        probs = torch.softmax(scores, -1)
+        if mask is not None:
+            probs = probs.nan_to_num(0.0)  # rows with every key masked: zeros, as SDPA's math kernel
+        return torch.bmm(probs.to(lat.dtype), lat)[:, :, None]
+
     def _absorbed(self, q_nope, q_rope, latent, k_rope, mask) -> torch.Tensor:
-        """MQA over the latent: ``q_lat = B_kᵀ q_nope`` per head, values = the latent, then ``B_v`` per head."""
+        """MQA over the latent: ``q_lat = B_kᵀ q_nope`` per head, values = the latent, then ``B_v`` per head.
+        One-token steps run :meth:`_latent_decode`; longer chunks fold the heads into SDPA's query rows."""
         layer = self.attnkit
         per = layer.q_heads // layer.kv_heads
         w = _linear_weight(layer.kv_b_proj).view(layer.kv_heads, 2 * layer.head_dim, layer.rank)
         w_k, w_v = w[:, : layer.head_dim], w[:, layer.head_dim :]  # [Hkv, D, r]
         bsz, hq, sq, d = q_nope.shape
         q_lat = torch.einsum("bgpsd,gdr->bgpsr", q_nope.view(bsz, layer.kv_heads, per, sq, d), w_k)
-        query = torch.cat([q_lat.reshape(bsz, hq, sq, layer.rank), q_rope], -1)
-        key = torch.cat([latent, k_rope], -1)
-        if mask is not None and mask.dim() == 4:
-            out_lat = self._attend(query, key, latent, mask, dispatch=False)  # [B, Hq, Sq, r]
+        q_lat = q_lat.reshape(bsz, hq, sq, layer.rank)
+        if sq == 1:
+            out_lat = self._latent_decode(q_lat, q_rope, latent, k_rope, mask)  # [B, Hq, 1, r]
         else:
-            out_lat = self._latent_attention(query, key, latent, mask)
+            query = torch.cat([q_lat, q_rope], -1)
+            key = torch.cat([latent, k_rope], -1)
+            if mask is not None and mask.dim() == 4:
+                out_lat = self._attend(query, key, latent, mask, dispatch=False)  # [B, Hq, Sq, r]
+            else:
+                out_lat = self._latent_attention(query, key, latent, mask)
         out = torch.einsum("bgpsr,gdr->bgpsd", out_lat.view(bsz, layer.kv_heads, per, sq, layer.rank), w_v)
         return out.reshape(bsz, hq, sq, d)
 
