@@ -245,3 +245,74 @@ def test_fla_backend_matches_the_reference(case, dtype):
     for a, b in zip(new_state, ref_state, strict=True):
         assert ((a - b).norm() / b.norm()) < 5e-3
     assert same_dtype.shape == out.shape
+
+
+# ------------------------------------------------------------- fast paths (decode step, fla wrapper without fla)
+def fake_chunk_linear_attn(q, k, v, scale=1.0, initial_state=None, output_final_state=False, normalize=True):
+    """fla's ``chunk_linear_attn`` contract (``[B, T, H, ·]``, same heads for q/k/v, unnormalized numerator,
+    float32 state ``[B, H, K, V]``) in plain PyTorch, so the wrapper's layout work runs on a CPU without fla."""
+    assert not normalize and scale == 1.0 and q.shape[2] == k.shape[2] == v.shape[2]
+    assert q.is_contiguous() and k.is_contiguous() and v.is_contiguous()
+    num, final = linear_attention_chunked(
+        q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2), None if initial_state is None else
+        (initial_state, torch.zeros(initial_state.shape[:-1])), normalize=False, output_state=True,
+    )
+    return num.to(v.dtype).transpose(1, 2).contiguous(), final[0] if output_final_state else None
+
+
+@pytest.mark.parametrize("with_state", [False, True], ids=["fresh", "state"])
+@pytest.mark.parametrize("case", [(1, 3, 1, 1, 8, 16), (2, 6, 2, 37, 8, 16), (1, 4, 4, 130, 16, 8)],
+                         ids=lambda c: f"B{c[0]}-Hq{c[1]}-Hkv{c[2]}-S{c[3]}-F{c[4]}-D{c[5]}")
+def test_fla_wrapper_without_fla_matches_the_reference(case, with_state, monkeypatch):
+    """The wrapper's one-copy cast/transpose/GQA expansion, chunked key sum and fused division, on a CPU, with a
+    stand-in kernel that follows fla's contract (``float32`` kernel dtype: the comparison is exact up to order)."""
+    import sys
+    import types
+
+    from attnkit.kernels.linear_attention import fla as fla_backend
+
+    module = types.ModuleType("fla.ops.linear_attn")
+    module.chunk_linear_attn = fake_chunk_linear_attn
+    for name in ("fla", "fla.ops"):
+        monkeypatch.setitem(sys.modules, name, types.ModuleType(name))
+    monkeypatch.setitem(sys.modules, "fla.ops.linear_attn", module)
+    batch, hq, hkv, seq, feat, dim = case
+    (q_feat, k_feat, v), state = inputs(batch, hq, hkv, seq, feat, dim, seed=21)
+    state = state if with_state else None
+    out, new_state = fla_backend.linear_attention_chunked(q_feat, k_feat, v, state, output_state=True)
+    ref, ref_state = linear_attention_chunked(q_feat, k_feat, v, state, output_state=True)
+    assert out.dtype == torch.float32 and out.is_contiguous()
+    torch.testing.assert_close(out, ref, rtol=1e-5, atol=1e-5)
+    for a, b in zip(new_state, ref_state, strict=True):
+        torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-4)
+    low, _ = fla_backend.linear_attention_chunked(q_feat, k_feat, v.bfloat16(), state)  # bf16 kernel inputs
+    assert ((low - ref).norm() / ref.norm()) < 5e-3
+
+
+@pytest.mark.parametrize("seq", [1, 63, 64, 65, 200])
+def test_key_cumsum_is_the_running_key_sum(seq):
+    from attnkit.kernels.linear_attention.fla import key_cumsum
+
+    g = torch.Generator().manual_seed(seq)
+    k_feat, z0 = torch.rand(2, 3, seq, 5, generator=g), torch.rand(2, 3, 5, generator=g)
+    torch.testing.assert_close(key_cumsum(k_feat, z0), z0[:, :, None] + k_feat.double().cumsum(2).float())
+    torch.testing.assert_close(key_cumsum(k_feat.bfloat16()), k_feat.bfloat16().double().cumsum(2).float())
+
+
+@pytest.mark.parametrize("normalize", [True, False], ids=["normalized", "numerator"])
+@pytest.mark.parametrize("case", [(1, 32, 8, 128, 128), (2, 7, 1, 12, 5), (3, 6, 3, 4, 9)],
+                         ids=lambda c: f"B{c[0]}-Hq{c[1]}-Hkv{c[2]}-F{c[3]}-D{c[4]}")
+def test_decode_step_matches_the_spec(case, normalize):
+    """The batched one-token step (GQA through a [B, Hkv, G, F] view, bf16 values upcast inside the state update)
+    == the quadratic spec on the same token with the same state, and the state == folding the token in."""
+    batch, hq, hkv, feat, dim = case
+    (q_feat, k_feat, v), state = inputs(batch, hq, hkv, 1, feat, dim, seed=5)
+    v = v.bfloat16()
+    out, new_state = linear_attention_recurrent(q_feat, k_feat, v, state, normalize=normalize)
+    ref = linear_attention_quadratic(q_feat, k_feat, v, state, normalize=normalize)
+    # fp32, summation order only: the unnormalized numerator is O(F), so its tolerance scales with its size
+    torch.testing.assert_close(out, ref, rtol=1e-5, atol=1e-6 * float(ref.abs().amax()))
+    for a, b in zip(new_state, fold_state(k_feat, v, state), strict=True):
+        torch.testing.assert_close(a, b, rtol=1e-6, atol=1e-6)
+    fresh, _ = linear_attention_recurrent(q_feat, k_feat, v, normalize=normalize)
+    torch.testing.assert_close(fresh, linear_attention_quadratic(q_feat, k_feat, v, normalize=normalize))

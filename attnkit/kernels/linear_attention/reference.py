@@ -132,6 +132,15 @@ def linear_attention_recurrent(
         raise ValueError("linear attention needs as many keys as queries (earlier tokens live in the state)")
     kv, z = state if state is not None else empty_state(batch, hkv, feat, v.shape[-1], q_feat.device)
     q = _grouped(q_feat, hkv)
+    if seq == 1:  # the decode step: one batched op per line over every head (GQA: q as [B, Hkv, G, F])
+        k0 = k_feat[:, :, 0].float()
+        kv = torch.addcmul(kv, k0[..., None], v[:, :, 0, None, :])  # fp32 state; v upcast inside the op
+        z = z + k0
+        q0 = q[:, :, :, 0]
+        num = torch.matmul(q0, kv)  # [B, Hkv, G, D]
+        if normalize:
+            num = num.div_(torch.matmul(q0, z[..., None]).add_(eps))
+        return num.view(batch, hq, 1, -1), (kv, z)
     k, vv = k_feat.float(), v.float()
     outs = []
     for t in range(seq):
