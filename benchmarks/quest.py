@@ -38,6 +38,7 @@ import argparse
 import json
 import statistics
 import time
+from functools import partial
 from pathlib import Path
 
 import torch
@@ -150,6 +151,16 @@ def _bench_quest(batch: int, length: int, page: int, budget: int, share: bool, d
     entry["top_pages_us"] = 1e3 * bench_ms(lambda: top_pages(scores, budget // page - 1))
     entry["attention_us"] = 1e3 * bench_ms(lambda: sparse_decode_attention(query, key, value, chosen, page, cache.pad, scale))
     entry["bounds_update_us"] = 1e3 * bench_ms(lambda: _refold_last(cache))
+    # The same parts replayed from CUDA graphs: GPU time without launch overhead, to see where a step's time goes.
+    entry["scores_graph_us"] = graph_us(lambda: page_scores(query, *bounds, valid, share))
+    entry["attention_graph_us"] = graph_us(lambda: sparse_decode_attention(query, key, value, chosen, page, cache.pad, scale))
+    entry["bounds_update_graph_us"] = graph_us(lambda: _refold_last(cache)) if DEVICE == "cuda" else None
+    if DEVICE == "cuda":
+        from attnkit.kernels.page_scores import triton as score_tri
+
+        for kernel in ("bitwise", "radix"):
+            entry[f"top_pages_{kernel}_graph_us"] = graph_us(partial(score_tri.top_pages, scores, budget // page - 1, kernel))
+        entry["topk_graph_us"] = graph_us(lambda: scores.topk(budget // page - 1, dim=-1, sorted=False))
     kv_bytes = 2 * batch * HKV * length * D * key.element_size()
     heads = HKV if share else HQ
     quest_bytes = (2 * batch * HKV * pages * D + 2 * batch * heads * budget * D) * key.element_size()
@@ -161,11 +172,55 @@ def _bench_quest(batch: int, length: int, page: int, budget: int, share: bool, d
     return entry
 
 
-def graph_us(fn) -> float:
+def sweep_point(batch: int, length: int, page: int, budget: int, dtype: torch.dtype) -> dict:
+    """Score-kernel launch settings and the two top-page searches, timed from CUDA graphs at one shape (after a
+    check that each setting's scores equal the default's)."""
+    from attnkit.kernels.page_scores import triton as score_tri
+
+    _, cache, q, key, _ = _setup(batch, length, page, budget, False, dtype)
+    pages = cache.num_pages()
+    query = q[:, :, 0]
+    valid = (key.shape[-2] - cache.pad + page - 1) // page - 1
+    bounds = (cache.page_min[:, :, :pages], cache.page_max[:, :, :pages])
+    rows = []
+    for share in (False, True):
+        want = score_tri.page_scores(query, *bounds, valid, share)
+        for block_p in (32, 64):
+            for warps in (4, 8):
+                for stages in (1, 2, 3, 4):
+                    for waves in (0, 2, 4, 8):
+                        config = {"block_p": block_p, "warps": warps, "stages": stages, "waves": waves}
+                        out = torch.empty_like(want)
+                        try:
+                            score_tri._launch_scores(query, *bounds, valid, out, share, **config)
+                            same = bool(torch.equal(out, want))
+                            us = graph_us(partial(score_tri._launch_scores, query, *bounds, valid, out, share, **config),
+                                          rep_ms=60)
+                        except Exception as e:  # a setting the compiler rejects (shared memory): reported, skipped
+                            rows.append({"share": share, **config, "error": str(e)[:200]})
+                            continue
+                        rows.append({"share": share, **config, "us": us, "same": same})
+        k = budget // page - 1
+        for kernel in ("bitwise", "radix"):
+            got = score_tri.top_pages(want, k, kernel).long().sort(-1).values
+            same = bool(torch.equal(got, want.topk(k, dim=-1).indices.sort(-1).values))
+            rows.append({"share": share, "top_pages": kernel, "same": same,
+                         "us": graph_us(partial(score_tri.top_pages, want, k, kernel), rep_ms=60)})
+    bounds_mb = 2 * bounds[0].numel() * bounds[0].element_size() / 1e6
+    for row in rows:
+        if "us" in row and "top_pages" not in row:
+            row["tb_per_s"] = bounds_mb / row["us"]  # MB / µs
+    best = {share: min((r for r in rows if r["share"] == share and "block_p" in r and "us" in r), key=lambda r: r["us"])
+            for share in (False, True)}
+    return {"batch": batch, "length": length, "bounds_mb": bounds_mb, "rows": rows,
+            "best_per_head": best[False], "best_shared": best[True]}
+
+
+def graph_us(fn, rep_ms: float = 300) -> float:
     """Median µs of ``fn`` replayed as a CUDA graph: the GPU time without Python launch overhead (how serving
     engines run decode steps). ``fn`` must not synchronize with the host."""
     if DEVICE != "cuda":
-        return bench_ms(fn) * 1e3
+        return bench_ms(fn, rep_ms=rep_ms) * 1e3
     stream = torch.cuda.Stream()
     stream.wait_stream(torch.cuda.current_stream())
     with torch.cuda.stream(stream):
@@ -175,7 +230,7 @@ def graph_us(fn) -> float:
     graph = torch.cuda.CUDAGraph()
     with torch.cuda.graph(graph):
         fn()
-    return 1e3 * bench_ms(graph.replay)
+    return 1e3 * bench_ms(graph.replay, warmup_ms=min(50, rep_ms / 4), rep_ms=rep_ms)
 
 
 def _refold_last(cache) -> None:
@@ -195,6 +250,7 @@ def model_tpot(
     warmup: int,
     shape: str = "llama3-8b",
     prefill_chunk: int = 16384,
+    profile_steps: int = 0,
 ) -> dict:
     from transformers import DynamicCache
 
@@ -236,6 +292,21 @@ def model_tpot(
             if i >= warmup:
                 times.append(elapsed)
         out[f"{name}_ms_per_token"] = statistics.median(times)
+        if profile_steps:  # where a token's time goes: the top GPU kernels and host-side ops of a few steps
+            from torch.profiler import ProfilerActivity, profile
+
+            activities = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if DEVICE == "cuda" else [])
+            with profile(activities=activities) as prof:
+                for _ in range(profile_steps):
+                    token = model(input_ids=token, past_key_values=cache, use_cache=True).logits[:, -1:].argmax(-1)
+                if DEVICE == "cuda":
+                    torch.cuda.synchronize()
+            table = prof.key_averages()
+            sort = "cuda_time_total" if DEVICE == "cuda" else "cpu_time_total"
+            out[f"{name}_profile_device"] = table.table(sort_by=sort, row_limit=18)
+            out[f"{name}_profile_host"] = table.table(sort_by="self_cpu_time_total", row_limit=18)
+            print(f"--- {name}: {profile_steps} decode steps, by device time\n{out[f'{name}_profile_device']}")
+            print(f"--- {name}: by host (self CPU) time\n{out[f'{name}_profile_host']}", flush=True)
         if step is not None:
             attnkit.unpatch(model)
         del cache, logits
@@ -342,6 +413,10 @@ def main(argv: list[str] | None = None) -> dict:
     ap.add_argument("--prefill-chunk", type=int, default=16384, help="tokens per prefill forward of the TPOT model")
     ap.add_argument("--no-model", action="store_true", help="skip part 2 (time per output token)")
     ap.add_argument("--out", default="runs/bench")
+    ap.add_argument("--sweep", action="store_true", help="part 1 becomes a sweep of the score kernel's launch "
+                    "settings and the two top-page kernels (CUDA-graph times) at each --lengths x --batches point")
+    ap.add_argument("--profile-steps", type=int, default=0, help="also profile this many decode steps of each TPOT "
+                    "variant (torch.profiler: top device kernels and host ops)")
     ap.add_argument("--kernel-report", action="store_true", help="only compile the kernels for sm_90 and print their "
                     "registers/spills (any machine, no GPU needed)")
     args = ap.parse_args(argv)
@@ -360,6 +435,13 @@ def main(argv: list[str] | None = None) -> dict:
     out.parent.mkdir(parents=True, exist_ok=True)
     for batch in (int(b) for b in args.batches.split(",") if args.lengths):  # --lengths "": only part 2
         for length in (parse_length(x) for x in args.lengths.split(",")):
+            if args.sweep:
+                point = sweep_point(batch, length, args.page_size, args.token_budget, torch.bfloat16)
+                result.setdefault("sweep", []).append(point)
+                for r in sorted(point["rows"], key=lambda r: (r["share"], "top_pages" in r, r.get("us", 1e9))):
+                    print(json.dumps(r), flush=True)
+                out.write_text(json.dumps(result, indent=1))
+                continue
             point = bench_point(batch, length, args.page_size, args.token_budget, torch.bfloat16)
             result["points"].append(point)
             print(json.dumps({k: v for k, v in point.items()}, default=str), flush=True)
@@ -367,9 +449,11 @@ def main(argv: list[str] | None = None) -> dict:
     if not args.no_model and args.model_layers > 0:
         print(f"model: llama3-8b x{args.model_layers} layers at {args.model_length}", flush=True)
         result["model"] = model_tpot(args.model_layers, parse_length(args.model_length), args.token_budget,
-                                     args.page_size, args.new_tokens, warmup=4, prefill_chunk=args.prefill_chunk)
+                                     args.page_size, args.new_tokens, warmup=4, prefill_chunk=args.prefill_chunk,
+                                     profile_steps=args.profile_steps)
         out.write_text(json.dumps(result, indent=1))
-    print(markdown(result))
+    if result["points"] or result.get("model"):
+        print(markdown(result))
     print(f"wrote {out}")
     return result
 

@@ -165,22 +165,58 @@ def test_gpu_llama3_shape(batch, length, share, nan_empty):
 
 @pytest.mark.parametrize(("rows", "pages", "k"), [(3, 37, 5), (2, 129, 1), (4, 1000, 127), (1, 70, 69), (2, 16, 0)],
                          ids=lambda v: str(v))
-def test_top_pages_triton_matches_reference(rows, pages, k, nan_empty):
+@pytest.mark.parametrize("kernel", ["bitwise", "radix"])
+def test_top_pages_triton_matches_reference(rows, pages, k, kernel, nan_empty):
     g = torch.Generator().manual_seed(pages + k)
     scores = torch.randn(rows, pages, generator=g)
     scores[0, -3:] = float("-inf")  # pages that do not exist in a row
     scores[-1, :4] = -scores[-1, :4].abs()  # negative scores order correctly too
     scores = scores.to(DEVICE)
-    got = score_tri.top_pages(scores, k)
+    got = score_tri.top_pages(scores, k, kernel)
     want = score_ref.top_pages(scores, k)
     assert got.shape == want.shape == (rows, k)
     assert torch.equal(got.long().sort(-1).values, want.sort(-1).values)
 
 
-def test_top_pages_with_ties_takes_exactly_k():
+@pytest.mark.parametrize("kernel", ["bitwise", "radix"])
+def test_top_pages_with_ties_takes_exactly_k(kernel):
     scores = torch.tensor([[1.0, 2.0, 2.0, 2.0, 0.0, -1.0, 2.0], [float("-inf")] * 6 + [0.5]], device=DEVICE)
-    got = score_tri.top_pages(scores, 5)
+    got = score_tri.top_pages(scores, 5, kernel)
     assert got.shape == (2, 5)
     assert got[0].tolist() == [0, 1, 2, 3, 6]  # the four 2.0s and the 1.0
     assert sorted(got[1].tolist())[-1] == 6 and len(set(got[1].tolist())) == 5  # distinct, the only finite one in
-    assert score_tri.top_pages(scores[:, :3], 3).shape == (2, 3)
+    assert score_tri.top_pages(scores[:, :3], 3, kernel).shape == (2, 3)
+
+
+def test_top_pages_radix_keys_differing_only_in_low_bytes():
+    """Scores whose order is decided in the last byte of their keys: every radix pass must narrow correctly."""
+    base = torch.tensor(1.0).view(torch.int32).item()
+    bits = torch.tensor([base + i * 37 % 251 for i in range(300)], dtype=torch.int32)  # 1.0 plus a few ulps
+    scores = bits.view(torch.float32)[None].to(DEVICE)
+    for k in (1, 7, 150, 299):
+        got = score_tri.top_pages(scores, k, "radix").long().sort(-1).values
+        assert torch.equal(scores[0, got[0]].sort().values, scores[0].topk(k).values.sort().values)
+
+
+@pytest.mark.parametrize("config", [
+    {"block_p": 16, "warps": 4, "stages": 1, "waves": 0},
+    {"block_p": 16, "warps": 4, "stages": 2, "waves": 1},
+    {"block_p": 32, "warps": 8, "stages": 3, "waves": 4},
+], ids=["one-tile", "loop-1-wave", "default"])
+def test_page_scores_launch_settings_agree(config, nan_empty):
+    """Every launch setting the benchmark sweeps computes the same scores (programs looping over several tiles,
+    a tail tile, pages past the valid ones)."""
+    g = torch.Generator().manual_seed(5)
+    b, hq, hkv, pages, d = 2, 6, 2, 203, 32
+    q = torch.randn(b, hq, d, generator=g).to(DEVICE)
+    lo = torch.randn(b, hkv, pages, d, generator=g)
+    hi = (lo + torch.rand(b, hkv, pages, d, generator=g)).to(DEVICE)
+    lo = lo.to(DEVICE)
+    valid = torch.tensor([203, 150], device=DEVICE)
+    for share in (False, True):
+        want = score_ref.page_scores(q, lo, hi, valid, share)
+        got = torch.full_like(want, float("nan"))
+        score_tri._launch_scores(q, lo, hi, valid, got, share, **config)
+        assert torch.equal(torch.isinf(got), torch.isinf(want))
+        finite = torch.isfinite(want)
+        torch.testing.assert_close(got[finite], want[finite], rtol=1e-5, atol=1e-5)

@@ -19,6 +19,7 @@ to it, in index order (two prefix sums). One launch, no sort, rows of up to 1638
 
 from __future__ import annotations
 
+import functools
 import os
 
 import torch
@@ -38,48 +39,52 @@ def _page_scores_kernel(
     stride_qb, stride_qh,
     stride_bb, stride_bh, stride_bp,
     stride_ob, stride_oh,
-    num_kv_heads, num_pages,
+    num_kv_heads, num_pages, pages_per_program,
     GROUP: tl.constexpr, BLOCK_G: tl.constexpr, BLOCK_P: tl.constexpr, D: tl.constexpr,
-    SHARE: tl.constexpr, IEEE: tl.constexpr,
+    SHARE: tl.constexpr, IEEE: tl.constexpr, STAGES: tl.constexpr,
 ):
     pid = tl.program_id(0)
     b = pid // num_kv_heads
     hkv = pid % num_kv_heads
-    offs_p = tl.program_id(1) * BLOCK_P + tl.arange(0, BLOCK_P)
     offs_g = tl.arange(0, BLOCK_G)
     offs_d = tl.arange(0, D)
     g_ok = offs_g < GROUP
-    p_ok = offs_p < num_pages
 
     q_ptrs = q_ptr + b * stride_qb + (hkv * GROUP + offs_g)[:, None] * stride_qh + offs_d[None, :]
     q = tl.load(q_ptrs, mask=g_ok[:, None], other=0.0)
-    b_off = b.to(tl.int64) * stride_bb + hkv.to(tl.int64) * stride_bh
-    page_off = offs_p.to(tl.int64)[:, None] * stride_bp + offs_d[None, :]
-    hi = tl.load(max_ptr + b_off + page_off, mask=p_ok[:, None], other=0.0)
-    lo = tl.load(min_ptr + b_off + page_off, mask=p_ok[:, None], other=0.0)
     if IEEE:  # fp32 math (also the interpreter's path: its bf16 arithmetic is not reliable)
         q = q.to(tl.float32)
-        hi = hi.to(tl.float32)
-        lo = lo.to(tl.float32)
     zero = tl.zeros_like(q)
     q_pos = tl.where(q > 0, q, zero)  # where, not maximum: keeps bf16 (Triton 3.6's maximum promotes it to fp32)
     q_neg = tl.where(q > 0, zero, q)
-    if IEEE:
-        s = tl.dot(q_pos, tl.trans(hi), input_precision="ieee")
-        s = tl.dot(q_neg, tl.trans(lo), s, input_precision="ieee")
-    else:
-        s = tl.dot(q_pos, tl.trans(hi))
-        s = tl.dot(q_neg, tl.trans(lo), s)
-
     valid = tl.load(valid_ptr + b)
-    s = tl.where((offs_p < valid)[None, :], s, float("-inf"))
-    if SHARE:
-        s = tl.where(g_ok[:, None], s, float("-inf"))
-        best = tl.max(s, axis=0)
-        tl.store(out_ptr + b * stride_ob + hkv * stride_oh + offs_p, best, mask=p_ok)
-    else:
-        o_ptrs = out_ptr + b * stride_ob + (hkv * GROUP + offs_g)[:, None] * stride_oh + offs_p[None, :]
-        tl.store(o_ptrs, s, mask=g_ok[:, None] & p_ok[None, :])
+    b_off = b.to(tl.int64) * stride_bb + hkv.to(tl.int64) * stride_bh
+    first = tl.program_id(1) * pages_per_program
+    last = tl.minimum(first + pages_per_program, num_pages)
+    # A run of BLOCK_P-page tiles per program: the loop lets the compiler keep STAGES tiles of bounds in flight
+    # (one tile per program left the loads latency-bound, ~40 % of HBM bandwidth on an H100).
+    for start in tl.range(first, last, BLOCK_P, num_stages=STAGES):
+        offs_p = start + tl.arange(0, BLOCK_P)
+        p_ok = offs_p < last
+        page_off = offs_p.to(tl.int64)[:, None] * stride_bp + offs_d[None, :]
+        hi = tl.load(max_ptr + b_off + page_off, mask=p_ok[:, None], other=0.0)
+        lo = tl.load(min_ptr + b_off + page_off, mask=p_ok[:, None], other=0.0)
+        if IEEE:
+            hi = hi.to(tl.float32)
+            lo = lo.to(tl.float32)
+            s = tl.dot(q_pos, tl.trans(hi), input_precision="ieee")
+            s = tl.dot(q_neg, tl.trans(lo), s, input_precision="ieee")
+        else:
+            s = tl.dot(q_pos, tl.trans(hi))
+            s = tl.dot(q_neg, tl.trans(lo), s)
+        s = tl.where((offs_p < valid)[None, :], s, float("-inf"))
+        if SHARE:
+            s = tl.where(g_ok[:, None], s, float("-inf"))
+            best = tl.max(s, axis=0)
+            tl.store(out_ptr + b * stride_ob + hkv * stride_oh + offs_p, best, mask=p_ok)
+        else:
+            o_ptrs = out_ptr + b * stride_ob + (hkv * GROUP + offs_g)[:, None] * stride_oh + offs_p[None, :]
+            tl.store(o_ptrs, s, mask=g_ok[:, None] & p_ok[None, :])
 
 
 def supports(query: torch.Tensor, page_min: torch.Tensor) -> str | None:
@@ -112,24 +117,55 @@ def page_scores(
         query = query.contiguous()
     b, hq, d = query.shape
     hkv, pages = page_min.shape[1], page_min.shape[2]
-    group = hq // hkv
     out = torch.empty(b, hkv if share_gqa_group else hq, pages, dtype=torch.float32, device=query.device)
     if pages == 0:
         return out
-    # 32 pages x 8 warps: no register spills at d 128 on sm_90 (64 pages x 4 warps spills; benchmarks/quest.py).
-    block_p = 32 if d <= 128 else 16
-    grid = (b * hkv, triton.cdiv(pages, block_p))
+    _launch_scores(query, page_min, page_max, valid_pages, out, share_gqa_group, **score_config(d))
+    return out
+
+
+# Launch settings of the score kernel (``benchmarks/quest.py --sweep`` times the alternatives on a GPU): BLOCK_P
+# pages per tile, warps, software-pipelining stages, and programs per SM (each program loops over a run of tiles).
+SCORE_CONFIG = {"block_p": 32, "warps": 8, "stages": 3, "waves": 4}
+
+
+def score_config(head_dim: int) -> dict:
+    config = dict(SCORE_CONFIG)
+    if head_dim > 128:
+        config["block_p"] = min(config["block_p"], 16)  # registers: a [BLOCK_P, D] tile of each bound
+    return config
+
+
+@functools.lru_cache
+def _sm_count(device: torch.device) -> int:
+    if device.type != "cuda":
+        return 4  # the interpreter: a few programs, so tests exercise the per-program loop
+    return torch.cuda.get_device_properties(device).multi_processor_count
+
+
+def _launch_scores(query, page_min, page_max, valid_pages, out, share, block_p, warps, stages, waves) -> None:
+    """Run the score kernel with explicit launch settings (``waves=0``: one tile per program)."""
+    b, hq, d = query.shape
+    hkv, pages = page_min.shape[1], page_min.shape[2]
+    group = hq // hkv
+    tiles = triton.cdiv(pages, block_p)
+    if waves:  # about ``waves`` programs per SM in all, each over consecutive tiles
+        per_head = max(1, min(tiles, triton.cdiv(waves * _sm_count(query.device), b * hkv)))
+        tiles_per_program = triton.cdiv(tiles, per_head)
+    else:
+        tiles_per_program = 1
+    pages_per_program = tiles_per_program * block_p
+    grid = (b * hkv, triton.cdiv(pages, pages_per_program))
     _page_scores_kernel[grid](
         query, page_min, page_max, valid_pages.to(device=query.device, dtype=torch.int32), out,
         query.stride(0), query.stride(1),
         page_min.stride(0), page_min.stride(1), page_min.stride(2),
         out.stride(0), out.stride(1),
-        hkv, pages,
+        hkv, pages, pages_per_program,
         GROUP=group, BLOCK_G=max(16, triton.next_power_of_2(group)), BLOCK_P=block_p, D=d,
-        SHARE=share_gqa_group, IEEE=INTERPRET or query.dtype == torch.float32,
-        num_warps=8,
+        SHARE=share, IEEE=INTERPRET or query.dtype == torch.float32, STAGES=stages,
+        num_warps=warps,
     )
-    return out
 
 
 @triton.jit
@@ -157,8 +193,46 @@ def _top_pages_kernel(scores_ptr, out_ptr, stride_s, stride_o, n, k, BLOCK: tl.c
     tl.store(out_ptr + row * stride_o + position, offs, mask=take & ok)
 
 
-def top_pages(scores: torch.Tensor, k: int) -> torch.Tensor:
-    """See :func:`attnkit.kernels.page_scores.reference.top_pages`; returns int32 indices in increasing order."""
+@triton.jit
+def _top_pages_radix_kernel(scores_ptr, out_ptr, stride_s, stride_o, n, k, BLOCK: tl.constexpr):
+    """The same selection as ``_top_pages_kernel``, finding the k-th largest key a byte at a time: four histogram
+    passes (256 bins of the next byte among the keys that share the bytes found so far) instead of 32 counts."""
+    row = tl.program_id(0).to(tl.int64)
+    offs = tl.arange(0, BLOCK)
+    ok = offs < n
+    x = tl.load(scores_ptr + row * stride_s + offs, mask=ok, other=float("-inf"))
+    bits = x.to(tl.uint32, bitcast=True)
+    sign = tl.full([BLOCK], 0x80000000, tl.uint32)
+    key = tl.where((bits & sign) != 0, ~bits, bits | sign)
+    key = tl.where(ok, key, tl.zeros([BLOCK], tl.uint32))
+    bins = tl.arange(0, 512)
+    prefix = tl.full([], 0, tl.uint32)  # the bytes of the k-th largest key found so far
+    known = tl.full([], 0, tl.uint32)  # which bits of prefix are known
+    remaining = k  # rank of the k-th largest key among the keys that match prefix
+    for shift in tl.static_range(24, -1, -8):
+        match = ((key & known) == prefix) & ok
+        # Keys that do not match go to bin 256 (outside the 256 bins read): histogram has no mask in Triton 3.6.
+        digit = tl.where(match, ((key >> shift) & 255).to(tl.int32), 256)
+        hist = tl.histogram(digit, 512)
+        hist = tl.where(bins < 256, hist, 0)
+        at_least = tl.sum(hist, axis=0) - tl.cumsum(hist, axis=0) + hist  # matching keys with this byte >= bin
+        byte = tl.sum(((at_least >= remaining) & (bins < 256)).to(tl.int32), axis=0) - 1  # at_least decreases
+        remaining -= tl.sum(tl.where(bins == byte, at_least - hist, 0), axis=0)
+        prefix = prefix | (byte.to(tl.uint32) << shift)
+        known = known | (tl.full([], 255, tl.uint32) << shift)
+    above = key > prefix
+    equal = key == prefix
+    take = above | (equal & (tl.cumsum(equal.to(tl.int32), axis=0) <= remaining))
+    position = tl.cumsum(take.to(tl.int32), axis=0) - 1
+    tl.store(out_ptr + row * stride_o + position, offs, mask=take & ok)
+
+
+TOP_PAGES_KERNEL = "bitwise"  # or "radix": benchmarks/quest.py --sweep times both on a GPU
+
+
+def top_pages(scores: torch.Tensor, k: int, kernel: str | None = None) -> torch.Tensor:
+    """See :func:`attnkit.kernels.page_scores.reference.top_pages`; returns int32 indices in increasing order.
+    ``kernel``: "bitwise" or "radix" (default :data:`TOP_PAGES_KERNEL`), two searches for the same k-th score."""
     pages = scores.shape[-1]
     if not 0 <= k <= pages:
         raise ValueError(f"k must be in [0, {pages}], got {k}")
@@ -171,7 +245,11 @@ def top_pages(scores: torch.Tensor, k: int) -> torch.Tensor:
     if k == 0 or flat.shape[0] == 0:
         return out.view(*scores.shape[:-1], k)
     block = max(16, triton.next_power_of_2(pages))
-    _top_pages_kernel[(flat.shape[0],)](
+    kernel = kernel or TOP_PAGES_KERNEL
+    if kernel not in ("bitwise", "radix"):
+        raise ValueError(f"top_pages kernel must be 'bitwise' or 'radix', got {kernel!r}")
+    fn = _top_pages_kernel if kernel == "bitwise" else _top_pages_radix_kernel
+    fn[(flat.shape[0],)](
         flat, out, flat.stride(0), out.stride(0), pages, k, BLOCK=block, num_warps=16 if block > 4096 else 8,
     )
     return out.view(*scores.shape[:-1], k)
