@@ -26,7 +26,9 @@ speedup a purely memory-bound Quest step could reach.
 Part 2 (``--model-layers``, default 32: the whole 8B shape), time per output token of a random-weight Llama-3-8B
 model at ``--model-length`` (batch 1) after a prefill: ``dense`` (transformers' SDPA with its ``DynamicCache``, which
 re-concatenates the whole cache every step), ``dense-buffered`` (Quest's cache with a budget above the context:
-dense attention, but a growing buffer instead of the concatenation), ``quest`` (budget 2048, layers 0-1 dense).
+dense attention, but a growing buffer instead of the concatenation), ``quest`` (budget 2048, layers 0-1 dense), each
+with SDPA's default backend and with FlashAttention pinned (``-flash``: the default, cuDNN on an H100, rebuilds its
+plan at every new key length).
 The first two separate what the cache layout gives from what Quest's sparsity gives.
 
 Writes ``quest-<timestamp>.json`` to ``--out`` and prints markdown tables.
@@ -35,6 +37,7 @@ Writes ``quest-<timestamp>.json`` to ``--out`` and prints markdown tables.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import statistics
 import time
@@ -43,6 +46,7 @@ from pathlib import Path
 
 import torch
 import torch.nn.functional as F
+from torch.nn.attention import SDPBackend, sdpa_kernel
 
 from benchmarks.attention import bench_ms, environment, parse_length, rel_err
 
@@ -264,12 +268,17 @@ def model_tpot(
 
     model, _ = random_model(shape, layers, dtype=torch.bfloat16 if DEVICE == "cuda" else torch.float32, device=DEVICE)
     ids = torch.randint(3, model.config.vocab_size, (1, length), device=DEVICE)
-    big = -(-(length + warmup + new_tokens + 1) // page) * page
+    big = -(-(length + 2 * (warmup + new_tokens) + profile_steps + 1) // page) * page
     variants = {
         "dense": None,
         "dense-buffered": {"method": "quest", "page_size": page, "token_budget": big, "dense_layers": [0, 1]},
         "quest": {"method": "quest", "page_size": page, "token_budget": budget, "dense_layers": [0, 1]},
     }
+    # SDPA's backend matters at decode: on an H100 with torch 2.11, the default picks cuDNN, which rebuilds its
+    # execution plan whenever the key length changes, i.e. at every decode step (~5 ms of host time per call, seen
+    # in this benchmark's profile); "-flash" variants pin FlashAttention (memory-efficient as fallback), what a
+    # serving engine would run. Both are timed on the same cache, one after the other.
+    backends = {"": None, "-flash": [SDPBackend.FLASH_ATTENTION, SDPBackend.EFFICIENT_ATTENTION]}
     out: dict = {"layers": layers, "length": length, "batch": 1, "token_budget": budget, "page_size": page}
     for name, step in variants.items():
         if step is not None:
@@ -281,46 +290,63 @@ def model_tpot(
             chunk = ids[:, start : start + prefill_chunk]
             logits = model(input_ids=chunk, past_key_values=cache, use_cache=True, logits_to_keep=1).logits
         token = logits[:, -1:].argmax(-1)
-        times = []
-        for i in range(warmup + new_tokens):
-            if DEVICE == "cuda":
-                start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-                start.record()
-            t0 = time.perf_counter()
-            token = model(input_ids=token, past_key_values=cache, use_cache=True).logits[:, -1:].argmax(-1)
-            if DEVICE == "cuda":
-                end.record()
-                end.synchronize()
-                elapsed = start.elapsed_time(end)
-            else:
-                elapsed = (time.perf_counter() - t0) * 1e3
-            if i >= warmup:
-                times.append(elapsed)
-        out[f"{name}_ms_per_token"] = statistics.median(times)
-        if profile_steps:  # where a token's time goes: the top GPU kernels and host-side ops of a few steps
-            from torch.profiler import ProfilerActivity, profile
-
-            activities = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if DEVICE == "cuda" else [])
-            with profile(activities=activities) as prof:
-                for _ in range(profile_steps):
-                    token = model(input_ids=token, past_key_values=cache, use_cache=True).logits[:, -1:].argmax(-1)
-                if DEVICE == "cuda":
-                    torch.cuda.synchronize()
-            table = prof.key_averages()
-            sort = "cuda_time_total" if DEVICE == "cuda" else "cpu_time_total"
-            out[f"{name}_profile_device"] = table.table(sort_by=sort, row_limit=18)
-            out[f"{name}_profile_host"] = table.table(sort_by="self_cpu_time_total", row_limit=18)
-            print(f"--- {name}: {profile_steps} decode steps, by device time\n{out[f'{name}_profile_device']}")
-            print(f"--- {name}: by host (self CPU) time\n{out[f'{name}_profile_host']}", flush=True)
+        for suffix, backend in backends.items():
+            key = name + suffix
+            with sdpa_kernel(backend) if backend else contextlib.nullcontext():
+                token, out[f"{key}_ms_per_token"] = _time_decode(model, cache, token, warmup, new_tokens)
+                if profile_steps and (suffix or name == "dense"):
+                    token = _profile_decode(model, cache, token, profile_steps, key, out)
+            print(f"  {key}: {out[f'{key}_ms_per_token']:.2f} ms/token", flush=True)
         if step is not None:
             attnkit.unpatch(model)
         del cache, logits
         if DEVICE == "cuda":
             torch.cuda.empty_cache()
-        print(f"  {name}: {out[f'{name}_ms_per_token']:.2f} ms/token", flush=True)
+    best_dense = min(out["dense_ms_per_token"], out["dense-flash_ms_per_token"])
     out["speedup_quest_vs_dense"] = out["dense_ms_per_token"] / out["quest_ms_per_token"]
-    out["speedup_quest_vs_dense_buffered"] = out["dense-buffered_ms_per_token"] / out["quest_ms_per_token"]
+    out["speedup_quest_flash_vs_dense_flash"] = out["dense-flash_ms_per_token"] / out["quest-flash_ms_per_token"]
+    out["speedup_best_quest_vs_best_dense"] = best_dense / min(out["quest_ms_per_token"], out["quest-flash_ms_per_token"])
+    out["speedup_quest_vs_dense_buffered"] = out["dense-buffered-flash_ms_per_token"] / out["quest-flash_ms_per_token"]
     return out
+
+
+def _time_decode(model, cache, token, warmup: int, new_tokens: int):
+    """Median ms of one greedy decode step (CUDA events around the whole forward) after ``warmup`` steps."""
+    times = []
+    for i in range(warmup + new_tokens):
+        if DEVICE == "cuda":
+            start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+            start.record()
+        t0 = time.perf_counter()
+        token = model(input_ids=token, past_key_values=cache, use_cache=True).logits[:, -1:].argmax(-1)
+        if DEVICE == "cuda":
+            end.record()
+            end.synchronize()
+            elapsed = start.elapsed_time(end)
+        else:
+            elapsed = (time.perf_counter() - t0) * 1e3
+        if i >= warmup:
+            times.append(elapsed)
+    return token, statistics.median(times)
+
+
+def _profile_decode(model, cache, token, steps: int, key: str, out: dict):
+    """Where a token's time goes: the top GPU kernels and host-side ops of ``steps`` decode steps."""
+    from torch.profiler import ProfilerActivity, profile
+
+    activities = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if DEVICE == "cuda" else [])
+    with profile(activities=activities) as prof:
+        for _ in range(steps):
+            token = model(input_ids=token, past_key_values=cache, use_cache=True).logits[:, -1:].argmax(-1)
+        if DEVICE == "cuda":
+            torch.cuda.synchronize()
+    table = prof.key_averages()
+    sort = "cuda_time_total" if DEVICE == "cuda" else "cpu_time_total"
+    out[f"{key}_profile_device"] = table.table(sort_by=sort, row_limit=14)
+    out[f"{key}_profile_host"] = table.table(sort_by="self_cpu_time_total", row_limit=14)
+    print(f"--- {key}: {steps} decode steps, by device time\n{out[f'{key}_profile_device']}")
+    print(f"--- {key}: by host (self CPU) time\n{out[f'{key}_profile_host']}", flush=True)
+    return token
 
 
 # ----------------------------------------------------------------------------------------- kernel report
@@ -398,10 +424,13 @@ def markdown(result: dict) -> str:
     if m:
         lines += [
             "",
-            f"random-weight Llama-3-8B shape, {m['layers']} layers, batch 1, {m['length'] // 1024}K context: "
-            f"dense {m['dense_ms_per_token']:.2f} ms/token, dense with Quest's buffered cache "
-            f"{m['dense-buffered_ms_per_token']:.2f}, quest {m['quest_ms_per_token']:.2f} "
-            f"(×{m['speedup_quest_vs_dense']:.2f} vs dense, ×{m['speedup_quest_vs_dense_buffered']:.2f} vs buffered)",
+            f"random-weight Llama-3-8B shape, {m['layers']} layers, batch 1, {m['length'] // 1024}K context, ms/token "
+            "(SDPA default backend / FlashAttention pinned):",
+            f"dense {m['dense_ms_per_token']:.2f} / {m['dense-flash_ms_per_token']:.2f}; dense on Quest's buffered cache "
+            f"{m['dense-buffered_ms_per_token']:.2f} / {m['dense-buffered-flash_ms_per_token']:.2f}; quest "
+            f"{m['quest_ms_per_token']:.2f} / {m['quest-flash_ms_per_token']:.2f}; quest vs dense ×"
+            f"{m['speedup_quest_vs_dense']:.2f} / ×{m['speedup_quest_flash_vs_dense_flash']:.2f}, best vs best ×"
+            f"{m['speedup_best_quest_vs_best_dense']:.2f}",
         ]
     return "\n".join(lines)
 
