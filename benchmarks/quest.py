@@ -167,7 +167,7 @@ def _bench_quest(batch: int, length: int, page: int, budget: int, share: bool, d
     if DEVICE == "cuda":
         from attnkit.kernels.page_scores import triton as score_tri
 
-        for kernel in ("bitwise", "radix"):
+        for kernel in ("bitwise", "bitpairs", "radix"):
             entry[f"top_pages_{kernel}_graph_us"] = graph_us(partial(score_tri.top_pages, scores, budget // page - 1, kernel))
         entry["topk_graph_us"] = graph_us(lambda: scores.topk(budget // page - 1, dim=-1, sorted=False))
     kv_bytes = 2 * batch * HKV * length * D * key.element_size()
@@ -182,7 +182,7 @@ def _bench_quest(batch: int, length: int, page: int, budget: int, share: bool, d
 
 
 def sweep_point(batch: int, length: int, page: int, budget: int, dtype: torch.dtype) -> dict:
-    """Score-kernel launch settings and the two top-page searches, timed from CUDA graphs at one shape (after a
+    """Score-kernel launch settings and the three top-page searches, timed from CUDA graphs at one shape (after a
     check that each setting's scores equal the default's)."""
     from attnkit.kernels.page_scores import triton as score_tri
 
@@ -210,7 +210,7 @@ def sweep_point(batch: int, length: int, page: int, budget: int, dtype: torch.dt
                             continue
                         rows.append({"share": share, **config, "us": us, "same": same})
         k = budget // page - 1
-        for kernel in ("bitwise", "radix"):
+        for kernel in ("bitwise", "bitpairs", "radix"):
             got = score_tri.top_pages(want, k, kernel).long().sort(-1).values
             same = bool(torch.equal(got, want.topk(k, dim=-1).indices.sort(-1).values))
             rows.append({"share": share, "top_pages": kernel, "same": same,

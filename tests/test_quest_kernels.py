@@ -165,7 +165,7 @@ def test_gpu_llama3_shape(batch, length, share, nan_empty):
 
 @pytest.mark.parametrize(("rows", "pages", "k"), [(3, 37, 5), (2, 129, 1), (4, 1000, 127), (1, 70, 69), (2, 16, 0)],
                          ids=lambda v: str(v))
-@pytest.mark.parametrize("kernel", ["bitwise", "radix"])
+@pytest.mark.parametrize("kernel", ["bitwise", "bitpairs", "radix"])
 def test_top_pages_triton_matches_reference(rows, pages, k, kernel, nan_empty):
     g = torch.Generator().manual_seed(pages + k)
     scores = torch.randn(rows, pages, generator=g)
@@ -178,7 +178,7 @@ def test_top_pages_triton_matches_reference(rows, pages, k, kernel, nan_empty):
     assert torch.equal(got.long().sort(-1).values, want.sort(-1).values)
 
 
-@pytest.mark.parametrize("kernel", ["bitwise", "radix"])
+@pytest.mark.parametrize("kernel", ["bitwise", "bitpairs", "radix"])
 def test_top_pages_with_ties_takes_exactly_k(kernel):
     scores = torch.tensor([[1.0, 2.0, 2.0, 2.0, 0.0, -1.0, 2.0], [float("-inf")] * 6 + [0.5]], device=DEVICE)
     got = score_tri.top_pages(scores, 5, kernel)
@@ -188,13 +188,14 @@ def test_top_pages_with_ties_takes_exactly_k(kernel):
     assert score_tri.top_pages(scores[:, :3], 3, kernel).shape == (2, 3)
 
 
-def test_top_pages_radix_keys_differing_only_in_low_bytes():
-    """Scores whose order is decided in the last byte of their keys: every radix pass must narrow correctly."""
+@pytest.mark.parametrize("kernel", ["bitpairs", "radix"])
+def test_top_pages_keys_differing_only_in_low_bytes(kernel):
+    """Scores whose order is decided in the last byte of their keys: every pass must narrow correctly."""
     base = torch.tensor(1.0).view(torch.int32).item()
     bits = torch.tensor([base + i * 37 % 251 for i in range(300)], dtype=torch.int32)  # 1.0 plus a few ulps
     scores = bits.view(torch.float32)[None].to(DEVICE)
     for k in (1, 7, 150, 299):
-        got = score_tri.top_pages(scores, k, "radix").long().sort(-1).values
+        got = score_tri.top_pages(scores, k, kernel).long().sort(-1).values
         assert torch.equal(scores[0, got[0]].sort().values, scores[0].topk(k).values.sort().values)
 
 
