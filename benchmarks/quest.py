@@ -24,7 +24,7 @@ graph (GPU time only, as serving engines run decode; every entry gets the same t
 speedup a purely memory-bound Quest step could reach.
 
 Part 2 (``--model-layers``, default 32: the whole 8B shape), time per output token of a random-weight Llama-3-8B
-model at ``--model-length`` (batch 1) after a prefill: ``dense`` (transformers' SDPA with its ``DynamicCache``, which
+model at ``--model-length`` (``--model-batch`` rows, default 1) after a prefill: ``dense`` (transformers' SDPA with its ``DynamicCache``, which
 re-concatenates the whole cache every step), ``dense-buffered`` (Quest's cache with a budget above the context:
 dense attention, but a growing buffer instead of the concatenation), ``quest`` (budget 2048, layers 0-1 dense), each
 with SDPA's default backend and with FlashAttention pinned (``-flash``: the default, cuDNN on an H100, rebuilds its
@@ -260,6 +260,7 @@ def model_tpot(
     shape: str = "llama3-8b",
     prefill_chunk: int = 16384,
     profile_steps: int = 0,
+    batch: int = 1,
 ) -> dict:
     from transformers import DynamicCache
 
@@ -267,7 +268,7 @@ def model_tpot(
     from attnkit.models import random_model
 
     model, _ = random_model(shape, layers, dtype=torch.bfloat16 if DEVICE == "cuda" else torch.float32, device=DEVICE)
-    ids = torch.randint(3, model.config.vocab_size, (1, length), device=DEVICE)
+    ids = torch.randint(3, model.config.vocab_size, (batch, length), device=DEVICE)
     big = -(-(length + 2 * (warmup + new_tokens) + profile_steps + 1) // page) * page
     variants = {
         "dense": None,
@@ -279,7 +280,7 @@ def model_tpot(
     # in this benchmark's profile); "-flash" variants pin FlashAttention (memory-efficient as fallback), what a
     # serving engine would run. Both are timed on the same cache, one after the other.
     backends = {"": None, "-flash": [SDPBackend.FLASH_ATTENTION, SDPBackend.EFFICIENT_ATTENTION]}
-    out: dict = {"layers": layers, "length": length, "batch": 1, "token_budget": budget, "page_size": page}
+    out: dict = {"layers": layers, "length": length, "batch": batch, "token_budget": budget, "page_size": page}
     for name, step in variants.items():
         if step is not None:
             attnkit.apply(model, {"attnkit": 1, "name": name, "steps": [step]})
@@ -424,7 +425,7 @@ def markdown(result: dict) -> str:
     if m:
         lines += [
             "",
-            f"random-weight Llama-3-8B shape, {m['layers']} layers, batch 1, {m['length'] // 1024}K context, ms/token "
+            f"random-weight Llama-3-8B shape, {m['layers']} layers, batch {m['batch']}, {m['length'] // 1024}K context, ms/token "
             "(SDPA default backend / FlashAttention pinned):",
             f"dense {m['dense_ms_per_token']:.2f} / {m['dense-flash_ms_per_token']:.2f}; dense on Quest's buffered cache "
             f"{m['dense-buffered_ms_per_token']:.2f} / {m['dense-buffered-flash_ms_per_token']:.2f}; quest "
@@ -443,6 +444,7 @@ def main(argv: list[str] | None = None) -> dict:
     ap.add_argument("--token-budget", type=int, default=2048)
     ap.add_argument("--model-layers", type=int, default=32, help="layers of the TPOT model (0: skip part 2)")
     ap.add_argument("--model-length", default="128k")
+    ap.add_argument("--model-batch", type=int, default=1, help="rows of the TPOT model's batch")
     ap.add_argument("--new-tokens", type=int, default=32)
     ap.add_argument("--prefill-chunk", type=int, default=16384, help="tokens per prefill forward of the TPOT model")
     ap.add_argument("--no-model", action="store_true", help="skip part 2 (time per output token)")
@@ -484,7 +486,7 @@ def main(argv: list[str] | None = None) -> dict:
         print(f"model: llama3-8b x{args.model_layers} layers at {args.model_length}", flush=True)
         result["model"] = model_tpot(args.model_layers, parse_length(args.model_length), args.token_budget,
                                      args.page_size, args.new_tokens, warmup=4, prefill_chunk=args.prefill_chunk,
-                                     profile_steps=args.profile_steps)
+                                     profile_steps=args.profile_steps, batch=args.model_batch)
         out.write_text(json.dumps(result, indent=1))
     if result["points"] or result.get("model"):
         print(markdown(result))
