@@ -132,6 +132,50 @@ def test_chosen_pages_and_output_equal_the_reference(share, backend, monkeypatch
         torch.testing.assert_close(out[:, :, 0], expected, rtol=1e-5, atol=1e-5)
 
 
+@pytest.mark.parametrize("share", [False, True], ids=["per-head", "shared"])
+def test_oracle_scores_are_each_pages_true_largest_logit(share):
+    """scoring: oracle ranks pages by the largest q·k of their keys (brute force over each row's pages), padded rows
+    included; the selection attends exactly those pages."""
+    g = torch.Generator().manual_seed(11)
+    b, hq, hkv, d, page, pads, s = 2, 6, 2, 8, 4, [0, 5], 30
+    key = torch.randn(b, hkv, s, d, generator=g)
+    query = torch.randn(b, hq, d, generator=g)
+    pages = -(-(s - min(pads)) // page)
+    valid = (s - torch.tensor(pads) + page - 1) // page - 1
+    got = score_ref.oracle_page_scores(query, key, torch.tensor(pads), page, pages, valid, share)
+    want = torch.full((b, hq, pages), float("-inf"))
+    for r in range(b):
+        for h in range(hq):
+            for j in range(int(valid[r])):
+                chunk = key[r, h // (hq // hkv), pads[r] + j * page : pads[r] + (j + 1) * page]
+                want[r, h, j] = (chunk @ query[r, h]).max()
+    if share:
+        want = want.view(b, hkv, hq // hkv, pages).amax(2)
+    torch.testing.assert_close(got, want)
+    # The oracle never scores below the bound's page (the bound is an upper bound of the true largest logit).
+    lo, hi = brute_bounds(key, pads, page)
+    bound = score_ref.page_scores(query, lo, hi, valid, share)
+    finite = torch.isfinite(want)
+    assert (bound[finite] >= got[finite] - 1e-5).all()
+
+
+def test_oracle_scoring_selects_the_true_best_pages_in_a_decode_step():
+    g = torch.Generator().manual_seed(3)
+    b, hq, hkv, d, page = 1, 4, 2, 8, 4
+    method = Quest(page_size=page, token_budget=12, dense_layers=[], scoring="oracle")
+    decode = QuestDecode(method, 0, dense=False)
+    cache = method.make_cache_layer(0)
+    k, v = torch.randn(b, hkv, 33, d, generator=g), torch.randn(b, hkv, 33, d, generator=g)
+    key, value = cache.update(k, v)
+    decode.attend(torch.randn(b, hq, 33, d, generator=g), key, value, None, None)
+    key, value = cache.update(torch.randn(b, hkv, 1, d, generator=g), torch.randn(b, hkv, 1, d, generator=g))
+    q1 = torch.randn(b, hq, 1, d, generator=g)
+    decode.attend(q1, key, value, None, None)
+    logits = torch.einsum("hd,hsd->hs", q1[0, :, 0], key[0].repeat_interleave(hq // hkv, 0))[:, :32]
+    want = logits.view(hq, 8, page).amax(-1).topk(2, dim=-1).indices  # 34 tokens: 8 complete pages compete
+    assert torch.equal(decode.last_pages[0].sort(-1).values, want.sort(-1).values)
+
+
 # ------------------------------------------------------------------------------------------- model level
 @pytest.mark.parametrize("pads", [[0, 0], [0, 5]], ids=["unpadded", "padded"])
 def test_full_budget_equals_dense_generate(tiny, pads):
@@ -247,6 +291,7 @@ def test_composes_with_a_prefill_method(tiny):
         ({"page_size": 12, "token_budget": 48}, "power of two"),
         ({"token_budget": 0}, "greater than 0"),
         ({"page_sise": 16}, "unknown key"),
+        ({"scoring": "exact"}, "bound"),
     ],
 )
 def test_bad_settings_fail_clearly(settings, message):

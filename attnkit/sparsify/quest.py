@@ -26,6 +26,7 @@ padded row selects exactly the pages it would select unpadded.
 from __future__ import annotations
 
 import logging
+from typing import Literal
 
 import torch
 from pydantic import Field, field_validator, model_validator
@@ -33,6 +34,7 @@ from torch import nn
 
 from attnkit.cache import PageBoundsLayer
 from attnkit.kernels.page_scores import page_scores, top_pages
+from attnkit.kernels.page_scores.reference import oracle_page_scores
 from attnkit.kernels.paged_decode import sparse_decode_attention
 from attnkit.method import DecodeLayer, Method
 from attnkit.registry import register
@@ -57,6 +59,12 @@ class Quest(Method):
         description="score pages once per KV head (max over its query heads) so a GQA group reads one set of pages; "
         "false scores and selects per query head, as the paper (MHA) does",
     )
+    scoring: Literal["bound", "oracle"] = Field(
+        "bound",
+        description="bound: Quest's page score Σ max(q·M, q·m) from the page bounds; oracle (a diagnostic that reads "
+        "every key, no speedup): each page's true largest logit, the best any page scorer can select at this budget",
+    )
+
     @field_validator("page_size")
     @classmethod
     def _power_of_two(cls, value: int) -> int:
@@ -139,9 +147,13 @@ class QuestDecode(DecodeLayer):
         pages = cache.num_pages()
         query = query[:, :, 0]
         # Pages before each row's last page compete; the last page (index last_page) is always attended.
-        scores = page_scores(
-            query, cache.page_min[:, :, :pages], cache.page_max[:, :, :pages], cache.last_page, method.share_gqa_group
-        )
+        if method.scoring == "oracle":
+            scores = oracle_page_scores(query, key, cache.pad, p, pages, cache.last_page, method.share_gqa_group)
+        else:
+            scores = page_scores(
+                query, cache.page_min[:, :, :pages], cache.page_max[:, :, :pages], cache.last_page,
+                method.share_gqa_group,
+            )
         chosen = top_pages(scores, method.page_budget - 1)
         self.last_pages = chosen
         out = sparse_decode_attention(query, key, value, chosen, p, cache.pad, scale)

@@ -76,3 +76,44 @@ def top_pages(scores: torch.Tensor, k: int) -> torch.Tensor:
     if not 0 <= k <= scores.shape[-1]:
         raise ValueError(f"k must be in [0, {scores.shape[-1]}], got {k}")
     return scores.topk(k, dim=-1, sorted=False).indices
+
+
+def oracle_page_scores(
+    query: torch.Tensor,
+    key: torch.Tensor,
+    pad: torch.Tensor,
+    page_size: int,
+    pages: int,
+    valid_pages: torch.Tensor,
+    share_gqa_group: bool = False,
+) -> torch.Tensor:
+    """The largest *true* logit of each page: what Quest's bound estimates, computed by reading every key.
+
+    A diagnostic, not a speedup: selecting pages by this score is the best any page scorer can do at the same
+    budget, so Quest with it separates what the bound loses from what the budget loses.
+
+    Args:
+        query: ``[B, Hq, D]`` (post-RoPE, unscaled).
+        key: ``[B, Hkv, S, D]``, the cache's key slots; row ``b``'s page ``j`` holds slots
+            ``pad[b] + j * page_size ..`` (pages start at each row's first real token, as in ``PageBoundsLayer``).
+        pad: ``[B]`` leading padding slots per row.
+        page_size, pages: page length and how many pages to score (slots past ``S`` count as absent).
+        valid_pages, share_gqa_group: as in :func:`page_scores`.
+
+    Returns:
+        ``[B, Hq, pages]`` float32, or ``[B, Hkv, pages]`` with ``share_gqa_group``.
+    """
+    b, hq, d = query.shape
+    hkv, s = key.shape[1], key.shape[2]
+    group = hq // hkv
+    logits = torch.einsum("bhgd,bhsd->bhgs", query.float().view(b, hkv, group, d), key.float())  # [B, Hkv, G, S]
+    slot = pad.to(query.device).long().view(b, 1) + torch.arange(pages * page_size, device=query.device)
+    inside = (slot < s).view(b, 1, 1, -1)
+    slot = slot.clamp(max=s - 1).view(b, 1, 1, -1).expand(b, hkv, group, -1)
+    per_slot = logits.gather(-1, slot).masked_fill(~inside, float("-inf"))
+    out = per_slot.view(b, hkv, group, pages, page_size).amax(-1)
+    index = torch.arange(pages, device=query.device)
+    out = out.masked_fill(index >= valid_pages.to(query.device).view(b, 1, 1, 1), float("-inf"))
+    if share_gqa_group:
+        return out.amax(2)
+    return out.reshape(b, hq, pages)
