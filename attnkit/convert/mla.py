@@ -77,8 +77,9 @@ class MLA(ConversionMethod):
     )
     kv_balance: bool = Field(True, description="scale keys to the values' energy before the joint PCA")
     latent_norm: bool = Field(
-        False, description="RMSNorm on the latent (DeepSeek's kv_a_layernorm; weight set from calibration): needed for "
-        "an exact DeepSeek-V3 export, an approximation before recovery"
+        False, description="RMSNorm on the latent (DeepSeek's kv_a_layernorm; weight set to the calibration RMS): needed "
+        "for an exact DeepSeek-V3 export; before recovery it rescales every token's latent to that one RMS, which "
+        "costs (+8 nats held-out NLL on SmolLM2-135M, +2.4 on Qwen2.5-0.5B): recover with it"
     )
     absorb: Literal["decode", "always", "never"] = Field(
         "decode", description="when to run the absorbed (latent-space) path: one-token decode steps, always, never"
@@ -529,8 +530,12 @@ def export_deepseek_v3(model, out: str | os.PathLike, tokenizer=None, overwrite:
     and in ``attnkit-export.json``, with a warning):
 
     - DeepSeek normalises the latent (``kv_a_layernorm``). Exact when the model was converted with
-      ``latent_norm: true``; otherwise the norm's weight is set to the calibration RMS of the latent, which
-      matches only tokens whose latent has that RMS (an approximation; convert with ``latent_norm: true`` and recover).
+      ``latent_norm: true`` (and recovered with it). Otherwise (the built-in ``mla`` recipe's default) the norm is
+      inserted with the calibration RMS of the latent as its weight, which matches only tokens whose latent has that
+      RMS: every token's latent is rescaled to that one RMS, as in a ``latent_norm: true`` conversion before
+      recovery (on SmolLM2-135M that cost +8 nats of held-out NLL, benchmarks/RESULTS.md), and the weights were not
+      trained with it. An approximation, reported and warned about; for an exact export convert with
+      ``latent_norm: true`` and recover.
     - DeepSeek-V3's ``q_proj`` has no bias: a query bias (Qwen2) is dropped.
 
     Needs every layer converted, one rope slot per frequency (``rope_dim ≤ head_dim``) and default RoPE (no
@@ -565,7 +570,9 @@ def export_deepseek_v3(model, out: str | os.PathLike, tokenizer=None, overwrite:
     approximations: list[str] = []
     if any(layer.latent_norm is None for layer in layers):
         approximations.append("latent RMSNorm (kv_a_layernorm) inserted with the calibration RMS as its weight: the "
-                              "model was converted without latent_norm")
+                              "model was converted without latent_norm, and every token's latent is now rescaled to "
+                              "that RMS (can cost much quality; for an exact export convert with latent_norm: true "
+                              "and recover)")
     q_bias = max((float(layer.q_proj.bias.abs().max()) for layer in layers if layer.q_proj.bias is not None), default=0.0)
     if q_bias > 0:
         approximations.append(f"query bias dropped (DeepSeek-V3's q_proj has none; largest |bias| {q_bias:.3g})")
