@@ -6,6 +6,7 @@ import pytest
 import torch
 
 import attnkit
+from attnkit.attention import dense_attention
 from attnkit.cache import PageBoundsLayer
 from attnkit.kernels.page_scores import reference as score_ref
 from attnkit.kernels.paged_decode import reference as attn_ref
@@ -31,6 +32,21 @@ def brute_bounds(keys: torch.Tensor, pad: list[int], page: int) -> tuple[torch.T
             if chunk.shape[1]:
                 lo[r, :, j], hi[r, :, j] = chunk.amin(1), chunk.amax(1)
     return lo, hi
+
+
+def brute_oracle(query, key, pad: list[int], page: int, valid, share: bool) -> torch.Tensor:
+    """Each page's largest true logit ``max_k q·k`` by loops over rows, query heads and pages (pages from each row's
+    first real slot; pages ``>= valid[b]`` score -inf); the max over the GQA group with ``share``."""
+    b, hq, _ = query.shape
+    hkv = key.shape[1]
+    pages = -(-(key.shape[2] - min(pad)) // page)
+    want = torch.full((b, hq, pages), float("-inf"))
+    for r in range(b):
+        for h in range(hq):
+            for j in range(int(valid[r])):
+                chunk = key[r, h // (hq // hkv), pad[r] + j * page : pad[r] + (j + 1) * page]
+                want[r, h, j] = (chunk.float() @ query[r, h].float()).max()
+    return want.view(b, hkv, hq // hkv, pages).amax(2) if share else want
 
 
 def quest_layers(model) -> list[QuestDecode]:
@@ -96,11 +112,13 @@ def test_cache_batch_ops_and_crop_keep_bounds_consistent():
 
 
 # ---------------------------------------------------------------------------------------------- selection
+@pytest.mark.parametrize("scoring", ["bound", "oracle"])
 @pytest.mark.parametrize("share", [False, True], ids=["per-head", "shared"])
 @pytest.mark.parametrize("backend", ["reference", "triton"])
-def test_chosen_pages_and_output_equal_the_reference(share, backend, monkeypatch):
-    """A decode step after a padded prefill: the chosen pages are the top pages of the brute-force bounds' scores,
-    the output is softmax attention over exactly those pages + the last one."""
+def test_chosen_pages_and_output_equal_the_reference(share, backend, scoring, monkeypatch):
+    """A decode step after a padded prefill: the chosen pages are the top pages of the brute-force scores (the
+    bounds' ``Σ max(q·M, q·m)``, or with ``scoring: oracle`` each page's largest true logit), the output is softmax
+    attention over exactly those pages + the last one."""
     if backend == "triton":
         pytest.importorskip("triton")
         if torch.cuda.is_available():
@@ -108,7 +126,7 @@ def test_chosen_pages_and_output_equal_the_reference(share, backend, monkeypatch
     monkeypatch.setenv("ATTNKIT_KERNELS", backend)
     g = torch.Generator().manual_seed(5)
     b, hq, hkv, d, page, pads = 2, 6, 2, 16, 4, [0, 6]
-    method = Quest(page_size=page, token_budget=16, dense_layers=[], share_gqa_group=share)
+    method = Quest(page_size=page, token_budget=16, dense_layers=[], share_gqa_group=share, scoring=scoring)
     decode = QuestDecode(method, 0, dense=False)
     cache = method.make_cache_layer(0)
     k, v = torch.randn(b, hkv, 45, d, generator=g), torch.randn(b, hkv, 45, d, generator=g)
@@ -124,7 +142,10 @@ def test_chosen_pages_and_output_equal_the_reference(share, backend, monkeypatch
         out = decode.attend(q1, key, value, mask, 0.25)
         lo, hi = brute_bounds(key, pads, page)
         valid = (key.shape[2] - torch.tensor(pads) + page - 1) // page - 1
-        scores = score_ref.page_scores(q1[:, :, 0], lo, hi, valid, share)
+        if scoring == "oracle":
+            scores = brute_oracle(q1[:, :, 0], key, pads, page, valid, share)
+        else:
+            scores = score_ref.page_scores(q1[:, :, 0], lo, hi, valid, share)
         want = scores.topk(method.page_budget - 1, dim=-1).indices
         assert decode.last_pages.shape == (b, hkv if share else hq, 3)
         assert torch.equal(decode.last_pages.sort(-1).values, want.sort(-1).values)
@@ -143,14 +164,7 @@ def test_oracle_scores_are_each_pages_true_largest_logit(share):
     pages = -(-(s - min(pads)) // page)
     valid = (s - torch.tensor(pads) + page - 1) // page - 1
     got = score_ref.oracle_page_scores(query, key, torch.tensor(pads), page, pages, valid, share)
-    want = torch.full((b, hq, pages), float("-inf"))
-    for r in range(b):
-        for h in range(hq):
-            for j in range(int(valid[r])):
-                chunk = key[r, h // (hq // hkv), pads[r] + j * page : pads[r] + (j + 1) * page]
-                want[r, h, j] = (chunk @ query[r, h]).max()
-    if share:
-        want = want.view(b, hkv, hq // hkv, pages).amax(2)
+    want = brute_oracle(query, key, pads, page, valid, share)
     torch.testing.assert_close(got, want)
     # The oracle never scores below the bound's page (the bound is an upper bound of the true largest logit).
     lo, hi = brute_bounds(key, pads, page)
@@ -176,9 +190,29 @@ def test_oracle_scoring_selects_the_true_best_pages_in_a_decode_step():
     assert torch.equal(decode.last_pages[0].sort(-1).values, want.sort(-1).values)
 
 
+@pytest.mark.parametrize("share", [False, True], ids=["per-head", "shared"])
+def test_oracle_selecting_every_page_equals_dense_attention(share):
+    """The sparse path itself at a budget that holds the context: the oracle's top pages (every complete page; the
+    shorter, padded row gets fillers past its pages) + the last page attend exactly what dense attention attends."""
+    g = torch.Generator().manual_seed(7)
+    b, hq, hkv, d, page, pads, s = 2, 6, 2, 8, 4, [0, 9], 37
+    key, value = torch.randn(b, hkv, s, d, generator=g), torch.randn(b, hkv, s, d, generator=g)
+    query = torch.randn(b, hq, d, generator=g)
+    pad = torch.tensor(pads)
+    pages = -(-(s - min(pads)) // page)
+    valid = (s - pad + page - 1) // page - 1  # complete pages per row: [9, 7]
+    scores = score_ref.oracle_page_scores(query, key, pad, page, pages, valid, share)
+    chosen = score_ref.top_pages(scores, int(valid.max()))
+    out = attn_ref.sparse_decode_attention(query, key, value, chosen, page, pad, 0.3)
+    mask = torch.arange(s)[None, :] >= pad[:, None]
+    want = dense_attention(query[:, :, None], key, value, mask, 0.3)[:, :, 0]
+    torch.testing.assert_close(out, want, rtol=1e-5, atol=1e-6)
+
+
 # ------------------------------------------------------------------------------------------- model level
+@pytest.mark.parametrize("scoring", ["bound", "oracle"])
 @pytest.mark.parametrize("pads", [[0, 0], [0, 5]], ids=["unpadded", "padded"])
-def test_full_budget_equals_dense_generate(tiny, pads):
+def test_full_budget_equals_dense_generate(tiny, pads, scoring):
     """Budget ≥ context: generate with Quest (its cache included) gives the dense logits: bit-exact without padding.
     With padding attnkit's attention (a [B, S] key mask) already differs from transformers' SDPA (a 4D mask) in the
     last bits, with or without Quest (streaming_llm with nothing evicted shows the same ~1e-7)."""
@@ -187,7 +221,7 @@ def test_full_budget_equals_dense_generate(tiny, pads):
     kwargs = dict(input_ids=ids, attention_mask=mask, max_new_tokens=8, do_sample=False, output_logits=True,
                   return_dict_in_generate=True)
     dense = model.generate(**kwargs)
-    attnkit.apply(model, quest(token_budget=64, dense_layers=[]))
+    attnkit.apply(model, quest(token_budget=64, dense_layers=[], scoring=scoring))
     cache = attnkit.make_cache(model)
     assert isinstance(cache.layers[0], PageBoundsLayer)
     patched = model.generate(**kwargs, past_key_values=cache)
