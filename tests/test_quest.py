@@ -209,6 +209,33 @@ def test_oracle_selecting_every_page_equals_dense_attention(share):
     torch.testing.assert_close(out, want, rtol=1e-5, atol=1e-6)
 
 
+def test_sink_pages_are_always_chosen_and_never_twice():
+    """sink_pages: 1 puts each row's first page in every head's selection once it is complete; a padded row whose
+    first page is still its current page does not get it twice."""
+    g = torch.Generator().manual_seed(9)
+    b, hq, hkv, d, page = 2, 4, 2, 8, 4
+    method = Quest(page_size=page, token_budget=12, dense_layers=[], sink_pages=1)
+    decode = QuestDecode(method, 0, dense=False)
+    cache = method.make_cache_layer(0)
+    pads = [0, 27]  # row 1 has 3 real tokens: its first page is its current page
+    k, v = torch.randn(b, hkv, 30, d, generator=g), torch.randn(b, hkv, 30, d, generator=g)
+    mask = torch.arange(30)[None, :] >= torch.tensor(pads)[:, None]
+    k[0, :, :4] = -k[0, :, :4].abs() * 10  # row 0's first page: a low bound for positive queries
+    key, value = cache.update(k, v)
+    decode.attend(torch.randn(b, hq, 30, d, generator=g), key, value, mask, None)
+    key, value = cache.update(torch.randn(b, hkv, 1, d, generator=g), torch.randn(b, hkv, 1, d, generator=g))
+    mask = torch.cat([mask, torch.ones(b, 1, dtype=torch.bool)], 1)
+    q1 = torch.randn(b, hq, 1, d, generator=g).abs()
+    out = decode.attend(q1, key, value, mask, None)
+    assert (decode.last_pages[0] == 0).sum(-1).eq(1).all()  # page 0 once in every head of row 0
+    # Row 1 has only its current page (4 real tokens): its output is plain attention over them, sink or not.
+    k1, v1 = key[1, :, 27:].repeat_interleave(hq // hkv, 0), value[1, :, 27:].repeat_interleave(hq // hkv, 0)
+    want = torch.softmax(torch.einsum("hd,hsd->hs", q1[1, :, 0], k1) * d**-0.5, -1)
+    torch.testing.assert_close(out[1, :, 0], torch.einsum("hs,hsd->hd", want, v1), rtol=1e-5, atol=1e-5)
+    with pytest.raises(ValueError, match="leaves no page"):
+        Quest(page_size=4, token_budget=8, sink_pages=2)
+
+
 # ------------------------------------------------------------------------------------------- model level
 @pytest.mark.parametrize("scoring", ["bound", "oracle"])
 @pytest.mark.parametrize("pads", [[0, 0], [0, 5]], ids=["unpadded", "padded"])

@@ -64,6 +64,12 @@ class Quest(Method):
         description="bound: Quest's page score Σ max(q·M, q·m) from the page bounds; oracle (a diagnostic that reads "
         "every key, no speedup): each page's true largest logit, the best any page scorer can select at this budget",
     )
+    sink_pages: int = Field(
+        0, ge=0,
+        description="always attend each row's first pages (the attention sink, as StreamingLLM keeps), inside the "
+        "budget; 0 is the paper's Quest. The bound can rank the sink page low although it holds most of a head's "
+        "attention (benchmarks/RESULTS.md)",
+    )
 
     @field_validator("page_size")
     @classmethod
@@ -80,6 +86,11 @@ class Quest(Method):
             raise ValueError(
                 f"token_budget {self.token_budget} is below one page (page_size {self.page_size}): Quest always "
                 "attends the current page, so the budget must hold at least one page"
+            )
+        if self.sink_pages >= self.token_budget // self.page_size:
+            raise ValueError(
+                f"sink_pages {self.sink_pages} leaves no page of the budget ({self.token_budget // self.page_size} pages, "
+                "the current one included) for the pages Quest selects"
             )
         if self.token_budget % self.page_size:
             raise ValueError(
@@ -154,6 +165,13 @@ class QuestDecode(DecodeLayer):
                 query, cache.page_min[:, :, :pages], cache.page_max[:, :, :pages], cache.last_page,
                 method.share_gqa_group,
             )
+        if method.sink_pages:
+            # Complete pages below sink_pages win every comparison; a row whose sink page is its current page
+            # (valid < sink) leaves it alone, so no page is chosen twice.
+            sink = torch.arange(pages, device=scores.device) < torch.clamp(
+                cache.last_page.to(scores.device), max=method.sink_pages
+            ).view(-1, 1, 1)
+            scores = scores.masked_fill(sink, float("inf"))
         chosen = top_pages(scores, method.page_budget - 1)
         self.last_pages = chosen
         out = sparse_decode_attention(query, key, value, chosen, p, cache.pad, scale)
