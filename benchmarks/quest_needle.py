@@ -123,7 +123,6 @@ def _summary(records: list[dict]) -> dict:
 
 
 def main(argv: list[str] | None = None) -> dict:
-    global _NEEDLE_PAGES
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--model", default="llama")
     parser.add_argument("--task", default="passkey")
@@ -137,8 +136,17 @@ def main(argv: list[str] | None = None) -> dict:
     parser.add_argument("--check-bounds", action="store_true")
     parser.add_argument("--out", default=None)
     args = parser.parse_args(argv)
-    QuestDecode.attend = _recording_attend(QuestDecode.attend)
+    # A diagnostic wrapper around Quest's decode step, installed for this run only (the library is never patched).
+    original = QuestDecode.attend
+    QuestDecode.attend = _recording_attend(original)
+    try:
+        return _run(args)
+    finally:
+        QuestDecode.attend = original
 
+
+def _run(args: argparse.Namespace) -> dict:
+    global _NEEDLE_PAGES
     model, tokenizer = attnkit.load_model(args.model)
     recipe = {"attnkit": 1, "name": "quest-needle", "steps": [
         {"method": "quest", "token_budget": args.budget, "share_gqa_group": args.share_gqa_group}]}
