@@ -19,7 +19,7 @@ import torch
 from transformers import PreTrainedModel
 from transformers.cache_utils import DynamicCache, DynamicLayer
 
-from attnkit.kernels.page_bounds import fold_last_token
+from attnkit.kernels.page_bounds import fold_last_token, quantize_bounds
 
 
 class SinkWindowLayer(DynamicLayer):
@@ -96,7 +96,10 @@ class PageBoundsLayer(DynamicLayer):
     Bounds are folded in incrementally by :meth:`update_bounds`, which the Quest decode module calls on every
     forward (prefill: every new page, per row; decode: one token, the last page's bounds updated in place, or
     started when the token opens a new page). ``track_bounds=False`` keeps only the growing buffers (Quest's dense
-    layers).
+    layers). ``int8_bounds=True`` also keeps an 8-bit copy of the bounds (``page_min_int8``/``page_max_int8 [B, Hkv,
+    pages, D]`` and ``page_scale [B, Hkv, pages]`` float32, rounded outward: see
+    :func:`attnkit.kernels.page_bounds.quantize_bounds`), rewritten whenever a page's bounds change; Quest then
+    scores pages from it and reads about half the bytes.
 
     The keys view carries a reference to this layer (``keys.attnkit_cache_layer``): transformers hands the attention
     function the tensors ``update`` returned but not the cache, and this is how the decode module finds the bounds
@@ -106,12 +109,13 @@ class PageBoundsLayer(DynamicLayer):
     is_sliding = False
     supports_early_init = False  # buffers are sized on the first update
 
-    def __init__(self, page_size: int = 16, track_bounds: bool = True):
+    def __init__(self, page_size: int = 16, track_bounds: bool = True, int8_bounds: bool = False):
         super().__init__()
         if page_size <= 0:
             raise ValueError(f"page_size must be positive, got {page_size}")
         self.page_size = page_size
         self.track_bounds = track_bounds
+        self.int8_bounds = int8_bounds and track_bounds
         self._clear()
 
     def _clear(self) -> None:
@@ -121,6 +125,9 @@ class PageBoundsLayer(DynamicLayer):
         self._values: torch.Tensor | None = None
         self.page_min: torch.Tensor | None = None  # [B, Hkv, page capacity, D]
         self.page_max: torch.Tensor | None = None
+        self.page_min_int8: torch.Tensor | None = None  # [B, Hkv, page capacity, D] int8 (int8_bounds)
+        self.page_max_int8: torch.Tensor | None = None
+        self.page_scale: torch.Tensor | None = None  # [B, Hkv, page capacity] float32
         self.pad: torch.Tensor | None = None  # [B] int32, leading padding slots per row
         self.last_page: torch.Tensor | None = None  # [B] int32, index of each row's last (current) page
         self.min_pad = 0  # min over rows of pad, on the host (how many pages the longest row has)
@@ -157,11 +164,20 @@ class PageBoundsLayer(DynamicLayer):
             pages = -(-capacity // self.page_size) + 1
             page_min = key_states.new_empty(b, h, pages, d)
             page_max = key_states.new_empty(b, h, pages, d)
-            if self.page_min is not None:
-                used = self.page_min.shape[2]
+            used = 0 if self.page_min is None else self.page_min.shape[2]
+            if used:
                 page_min[:, :, :used] = self.page_min
                 page_max[:, :, :used] = self.page_max
             self.page_min, self.page_max = page_min, page_max
+            if self.int8_bounds:
+                q_min = key_states.new_empty(b, h, pages, d, dtype=torch.int8)
+                q_max = key_states.new_empty(b, h, pages, d, dtype=torch.int8)
+                scale = key_states.new_empty(b, h, pages, dtype=torch.float32)
+                if used:
+                    q_min[:, :, :used] = self.page_min_int8
+                    q_max[:, :, :used] = self.page_max_int8
+                    scale[:, :, :used] = self.page_scale
+                self.page_min_int8, self.page_max_int8, self.page_scale = q_min, q_max, scale
 
     def _publish(self) -> None:
         self.keys = self._keys[:, :, : self.length]
@@ -229,12 +245,20 @@ class PageBoundsLayer(DynamicLayer):
             chunk = chunk.view(chunk.shape[0], pages, p, chunk.shape[-1])
             self.page_min[row, :, first_page : first_page + pages] = chunk.amin(2)
             self.page_max[row, :, first_page : first_page + pages] = chunk.amax(2)
+            if self.int8_bounds:
+                span = slice(first_page, first_page + pages)
+                q_min, q_max, scale = quantize_bounds(self.page_min[row, :, span], self.page_max[row, :, span])
+                self.page_min_int8[row, :, span], self.page_max_int8[row, :, span] = q_min, q_max
+                self.page_scale[row, :, span] = scale
         self.last_page = ((self.length - 1 - self.pad) // p).to(torch.int32)
 
     def _fold_one_token(self) -> None:
         """One decode token per row: update its page's bounds in place, or start them if it opens the page (one
         Triton launch on a GPU: :func:`attnkit.kernels.page_bounds.fold_last_token`)."""
-        fold_last_token(self._keys, self.page_min, self.page_max, self.last_page, self.length, self.pad, self.page_size)
+        fold_last_token(
+            self._keys, self.page_min, self.page_max, self.last_page, self.length, self.pad, self.page_size,
+            (self.page_min_int8, self.page_max_int8, self.page_scale) if self.int8_bounds else None,
+        )
 
     # ------------------------------------------------------------------------ transformers' cache plumbing
     def reset(self) -> None:
@@ -251,7 +275,8 @@ class PageBoundsLayer(DynamicLayer):
         self._publish()
 
     def _map_rows(self, fn) -> None:
-        for name in ("_keys", "_values", "page_min", "page_max", "pad", "last_page"):
+        for name in ("_keys", "_values", "page_min", "page_max", "page_min_int8", "page_max_int8", "page_scale", "pad",
+                     "last_page"):
             tensor = getattr(self, name)
             if tensor is not None:
                 setattr(self, name, fn(tensor))

@@ -56,11 +56,12 @@ BATCHES = [1, 8]
 DEVICE = "cuda"  # a CPU smoke run of this script (tests) sets "cpu" with the Triton interpreter
 
 
-def _setup(batch: int, length: int, page: int, budget: int, share: bool, dtype: torch.dtype):
+def _setup(batch: int, length: int, page: int, budget: int, share: bool, dtype: torch.dtype, int8: bool = False):
     from attnkit.sparsify.quest import Quest, QuestDecode
 
     g = torch.Generator(device=DEVICE).manual_seed(length + batch)
-    method = Quest(page_size=page, token_budget=budget, dense_layers=[], share_gqa_group=share)
+    method = Quest(page_size=page, token_budget=budget, dense_layers=[], share_gqa_group=share,
+                   bounds_dtype="int8" if int8 else "model")
     cache = method.make_cache_layer(0)
     # [B, S, H, D] storage viewed as [B, H, S, D], as transformers produces them.
     k = torch.randn(batch, length - 1, HKV, D, generator=g, device=DEVICE, dtype=dtype).transpose(1, 2)
@@ -85,9 +86,9 @@ def check_point(decode, cache, q, key, value, scale: float) -> dict:
     pages = cache.num_pages()
     query = q[:, :, 0]
     valid = (key.shape[-2] - cache.pad + method.page_size - 1) // method.page_size - 1
-    bounds = (cache.page_min[:, :, :pages], cache.page_max[:, :, :pages])
-    want = score_ref.page_scores(query, *bounds, valid, method.share_gqa_group)
-    got = score_tri.page_scores(query, *bounds, valid, method.share_gqa_group)
+    bounds, scale8 = _bounds(cache)
+    want = score_ref.page_scores(query, *bounds, valid, method.share_gqa_group, scale8)
+    got = score_tri.page_scores(query, *bounds, valid, method.share_gqa_group, scale8)
     finite = torch.isfinite(want)
     score_err = rel_err(got[finite], want[finite])
     k = method.page_budget - 1
@@ -103,13 +104,24 @@ def check_point(decode, cache, q, key, value, scale: float) -> dict:
             "step_rel_err": step_err, "ok": ok}
 
 
-def bench_point(batch: int, length: int, page: int, budget: int, dtype: torch.dtype) -> dict:
+def _bounds(cache) -> tuple[tuple[torch.Tensor, torch.Tensor], torch.Tensor | None]:
+    """The bounds Quest scores from: ``((min, max), None)`` or, with ``bounds_dtype: int8``, the 8-bit copy and its
+    scales."""
+    pages = cache.num_pages()
+    if cache.int8_bounds:
+        return (cache.page_min_int8[:, :, :pages], cache.page_max_int8[:, :, :pages]), cache.page_scale[:, :, :pages]
+    return (cache.page_min[:, :, :pages], cache.page_max[:, :, :pages]), None
+
+
+def bench_point(batch: int, length: int, page: int, budget: int, dtype: torch.dtype, int8: bool = True) -> dict:
     point: dict = {"batch": batch, "length": length, "page_size": page, "token_budget": budget}
     point.update(_bench_baselines(batch, length, page, budget, dtype))
-    for share in (False, True):
-        point["quest-shared" if share else "quest"] = _bench_quest(batch, length, page, budget, share, dtype, point)
-        if DEVICE == "cuda":
-            torch.cuda.empty_cache()
+    for bits in (False, True) if int8 else (False,):
+        for share in (False, True):
+            name = ("quest-shared" if share else "quest") + ("-int8" if bits else "")
+            point[name] = _bench_quest(batch, length, page, budget, share, dtype, point, bits)
+            if DEVICE == "cuda":
+                torch.cuda.empty_cache()
     return point
 
 
@@ -132,12 +144,14 @@ def _bench_baselines(batch: int, length: int, page: int, budget: int, dtype: tor
     return out
 
 
-def _bench_quest(batch: int, length: int, page: int, budget: int, share: bool, dtype: torch.dtype, point: dict) -> dict:
+def _bench_quest(
+    batch: int, length: int, page: int, budget: int, share: bool, dtype: torch.dtype, point: dict, int8: bool = False
+) -> dict:
     from attnkit.kernels.page_scores import page_scores, top_pages
     from attnkit.kernels.paged_decode import sparse_decode_attention
 
     scale = D**-0.5
-    decode, cache, q, key, value = _setup(batch, length, page, budget, share, dtype)
+    decode, cache, q, key, value = _setup(batch, length, page, budget, share, dtype, int8)
     check = check_point(decode, cache, q, key, value, scale)
     entry: dict = {"check": check}
     if not check["ok"]:
@@ -145,18 +159,18 @@ def _bench_quest(batch: int, length: int, page: int, budget: int, share: bool, d
     pages = cache.num_pages()
     query = q[:, :, 0]
     valid = (key.shape[-2] - cache.pad + page - 1) // page - 1
-    bounds = (cache.page_min[:, :, :pages], cache.page_max[:, :, :pages])
-    scores = page_scores(query, *bounds, valid, share)
+    bounds, scale8 = _bounds(cache)
+    scores = page_scores(query, *bounds, valid, share, scale8)
     chosen = top_pages(scores, budget // page - 1)
     entry["total_us"] = 1e3 * bench_ms(lambda: decode.attend(q, key, value, None, scale))
     entry["total_graph_us"] = graph_us(lambda: decode.attend(q, key, value, None, scale))
-    entry["scores_us"] = 1e3 * bench_ms(lambda: page_scores(query, *bounds, valid, share))
+    entry["scores_us"] = 1e3 * bench_ms(lambda: page_scores(query, *bounds, valid, share, scale8))
     entry["topk_us"] = 1e3 * bench_ms(lambda: scores.topk(budget // page - 1, dim=-1, sorted=False))
     entry["top_pages_us"] = 1e3 * bench_ms(lambda: top_pages(scores, budget // page - 1))
     entry["attention_us"] = 1e3 * bench_ms(lambda: sparse_decode_attention(query, key, value, chosen, page, cache.pad, scale))
     entry["bounds_update_us"] = 1e3 * bench_ms(lambda: _refold_last(cache))
     # The same parts replayed from CUDA graphs: GPU time without launch overhead, to see where a step's time goes.
-    entry["scores_graph_us"] = graph_us(lambda: page_scores(query, *bounds, valid, share))
+    entry["scores_graph_us"] = graph_us(lambda: page_scores(query, *bounds, valid, share, scale8))
     entry["attention_graph_us"] = graph_us(lambda: sparse_decode_attention(query, key, value, chosen, page, cache.pad, scale))
     try:  # the fold may not be capturable (a host read of the cache's state): then it has no graph time
         entry["bounds_update_graph_us"] = graph_us(lambda: _refold_last(cache))
@@ -172,7 +186,9 @@ def _bench_quest(batch: int, length: int, page: int, budget: int, share: bool, d
         entry["topk_graph_us"] = graph_us(lambda: scores.topk(budget // page - 1, dim=-1, sorted=False))
     kv_bytes = 2 * batch * HKV * length * D * key.element_size()
     heads = HKV if share else HQ
-    quest_bytes = (2 * batch * HKV * pages * D + 2 * batch * heads * budget * D) * key.element_size()
+    # bounds: 2·D values per page and KV head in the keys' dtype, or 2·D int8 + a float32 scale
+    bound_bytes = batch * HKV * pages * (2 * D + 4 if int8 else 2 * D * key.element_size())
+    quest_bytes = bound_bytes + 2 * batch * heads * budget * D * key.element_size()
     entry["bytes_bound"] = kv_bytes / quest_bytes
     entry["speedup_vs_dense"] = point["dense_us"] / entry["total_us"]
     entry["speedup_vs_naive"] = point["naive_us"] / entry["total_us"]
@@ -274,6 +290,8 @@ def model_tpot(
         "dense": None,
         "dense-buffered": {"method": "quest", "page_size": page, "token_budget": big, "dense_layers": [0, 1]},
         "quest": {"method": "quest", "page_size": page, "token_budget": budget, "dense_layers": [0, 1]},
+        "quest-int8": {"method": "quest", "page_size": page, "token_budget": budget, "dense_layers": [0, 1],
+                       "bounds_dtype": "int8"},
     }
     # SDPA's backend matters at decode: on an H100 with torch 2.11, the default picks cuDNN, which rebuilds its
     # execution plan whenever the key length changes, i.e. at every decode step (~5 ms of host time per call, seen
@@ -358,6 +376,7 @@ def kernel_report(arch: int = 90) -> list[dict]:
     from triton.backends.compiler import GPUTarget
     from triton.compiler import ASTSource
 
+    from attnkit.kernels.page_bounds import reference as bounds_ref
     from attnkit.kernels.page_bounds import triton as bounds_tri
     from attnkit.kernels.page_scores import triton as score_tri
     from attnkit.kernels.paged_decode import triton as attn_tri
@@ -374,8 +393,15 @@ def kernel_report(arch: int = 90) -> list[dict]:
     for share in (False, True):
         rows.append(("page_scores" + (" shared" if share else ""), compile_one(
             score_tri._page_scores_kernel,
-            {"q_ptr": bf, "min_ptr": bf, "max_ptr": bf, "valid_ptr": "*i32", "out_ptr": "*fp32"},
-            {"GROUP": 4, "BLOCK_G": 16, "BLOCK_P": 32, "D": 128, "SHARE": share, "IEEE": False}, 8)))
+            {"q_ptr": bf, "min_ptr": bf, "max_ptr": bf, "valid_ptr": "*i32", "out_ptr": "*fp32", "scale_ptr": "*fp32"},
+            {"GROUP": 4, "BLOCK_G": 16, "BLOCK_P": 64, "D": 128, "SHARE": share, "IEEE": False, "STAGES": 1,
+             "INT8": False}, 4)))
+        rows.append(("page_scores int8" + (" shared" if share else ""), compile_one(
+            score_tri._page_scores_kernel,
+            {"q_ptr": bf, "min_ptr": "*i8", "max_ptr": "*i8", "valid_ptr": "*i32", "out_ptr": "*fp32",
+             "scale_ptr": "*fp32"},
+            {"GROUP": 4, "BLOCK_G": 16, "BLOCK_P": 64, "D": 128, "SHARE": share, "IEEE": False, "STAGES": 1,
+             "INT8": True}, 4)))
         rows.append(("paged_decode split" + (" shared" if share else ""), compile_one(
             attn_tri._split_kernel,
             {"q_ptr": bf, "k_ptr": bf, "v_ptr": bf, "pages_ptr": "*i64", "pad_ptr": "*i32", "acc_ptr": "*fp32",
@@ -388,8 +414,10 @@ def kernel_report(arch: int = 90) -> list[dict]:
     rows.append(("top_pages (8192 pages)", compile_one(
         score_tri._top_pages_kernel, {"scores_ptr": "*fp32", "out_ptr": "*i32"}, {"BLOCK": 8192}, 16)))
     rows.append(("page_bounds fold", compile_one(
-        bounds_tri._fold_kernel, {"k_ptr": bf, "min_ptr": bf, "max_ptr": bf, "last_ptr": "*i32", "pad_ptr": "*i32"},
-        {"PAGE": 16, "D": 128, "BLOCK_D": 128}, 1)))
+        bounds_tri._fold_kernel, {"k_ptr": bf, "min_ptr": bf, "max_ptr": bf, "last_ptr": "*i32", "pad_ptr": "*i32",
+                                  "qmin_ptr": "*i8", "qmax_ptr": "*i8", "scale_ptr": "*fp32"},
+        {"PAGE": 16, "D": 128, "BLOCK_D": 128, "INT8": True, "SCALE_FACTOR": bounds_ref.SCALE_FACTOR,
+         "OUTWARD": bounds_ref.OUTWARD, "TINY": bounds_ref.TINY, "LIMIT": bounds_ref.INT8_LIMIT}, 1)))
     return [{"kernel": name, **report(kernel)} for name, kernel in rows]
 
 

@@ -8,6 +8,7 @@ import torch
 import attnkit
 from attnkit.attention import dense_attention
 from attnkit.cache import PageBoundsLayer
+from attnkit.kernels.page_bounds import quantize_bounds
 from attnkit.kernels.page_scores import reference as score_ref
 from attnkit.kernels.paged_decode import reference as attn_ref
 from attnkit.recipe import RecipeError
@@ -54,11 +55,13 @@ def quest_layers(model) -> list[QuestDecode]:
 
 
 # ----------------------------------------------------------------------------------------------- the cache
+@pytest.mark.parametrize("int8", [False, True], ids=["bounds", "int8-bounds"])
 @pytest.mark.parametrize("backend", ["reference", "triton"])
 @pytest.mark.parametrize("pads", [[0], [0, 5], [7, 0, 3]], ids=["B1", "B2-pad5", "B3-pad7-3"])
-def test_page_bounds_equal_brute_force_after_prefill_and_decode(pads, backend, monkeypatch):
+def test_page_bounds_equal_brute_force_after_prefill_and_decode(pads, backend, int8, monkeypatch):
     """Any mix of prefill chunks and decode steps: the bounds equal their definition after every update (decode
-    steps fold their token with the PyTorch reference or the Triton kernel)."""
+    steps fold their token with the PyTorch reference or the Triton kernel), and so does their 8-bit copy
+    (``quantize_bounds`` of the exact bounds, bit for bit)."""
     if backend == "triton":
         pytest.importorskip("triton")
         if torch.cuda.is_available():
@@ -66,7 +69,7 @@ def test_page_bounds_equal_brute_force_after_prefill_and_decode(pads, backend, m
     monkeypatch.setenv("ATTNKIT_KERNELS", backend)
     g = torch.Generator().manual_seed(len(pads))
     b, h, d, page = len(pads), 2, 8, 4
-    layer = PageBoundsLayer(page)
+    layer = PageBoundsLayer(page, int8_bounds=int8)
     steps = [11, 1, 1, 5, 1, 1, 1, 1, 9, 1, 1, 300, 1]  # 300 forces the buffers to grow
     keys = torch.empty(b, h, 0, d)
     for i, new in enumerate(steps):
@@ -83,6 +86,11 @@ def test_page_bounds_equal_brute_force_after_prefill_and_decode(pads, backend, m
             assert torch.equal(layer.page_min[r, :, :n], lo[r, :, :n]), (i, r)
             assert torch.equal(layer.page_max[r, :, :n], hi[r, :, :n]), (i, r)
             assert int(layer.last_page[r]) == n - 1
+            if int8:
+                q_min, q_max, scale = quantize_bounds(lo[r, :, :n], hi[r, :, :n])
+                assert torch.equal(layer.page_min_int8[r, :, :n], q_min), (i, r)
+                assert torch.equal(layer.page_max_int8[r, :, :n], q_max), (i, r)
+                assert torch.equal(layer.page_scale[r, :, :n], scale), (i, r)
     assert layer.get_seq_length() == sum(steps)
 
 
@@ -95,7 +103,7 @@ def test_cache_rejects_padding_after_real_tokens():
 
 def test_cache_batch_ops_and_crop_keep_bounds_consistent():
     g = torch.Generator().manual_seed(3)
-    layer = PageBoundsLayer(4)
+    layer = PageBoundsLayer(4, int8_bounds=True)
     k = torch.randn(2, 1, 10, 4, generator=g)
     layer.update(k, k.clone())
     layer.update_bounds(torch.tensor([[0, 0, 0] + [1] * 7, [1] * 10]).bool())
@@ -109,16 +117,20 @@ def test_cache_batch_ops_and_crop_keep_bounds_consistent():
     keys = torch.cat([k[1:, :, :7], k[1:, :, :2]], 2)
     lo, hi = brute_bounds(keys, [0], 4)
     assert torch.equal(layer.keys, keys) and torch.equal(layer.page_min[:, :, :3], lo)
+    q_min, q_max, scale = quantize_bounds(lo, hi)  # the 8-bit copy follows the selection and the crop
+    assert torch.equal(layer.page_min_int8[:, :, :3], q_min) and torch.equal(layer.page_max_int8[:, :, :3], q_max)
+    assert torch.equal(layer.page_scale[:, :, :3], scale)
 
 
 # ---------------------------------------------------------------------------------------------- selection
-@pytest.mark.parametrize("scoring", ["bound", "oracle"])
+@pytest.mark.parametrize("scoring", ["bound", "int8", "oracle"])
 @pytest.mark.parametrize("share", [False, True], ids=["per-head", "shared"])
 @pytest.mark.parametrize("backend", ["reference", "triton"])
 def test_chosen_pages_and_output_equal_the_reference(share, backend, scoring, monkeypatch):
     """A decode step after a padded prefill: the chosen pages are the top pages of the brute-force scores (the
-    bounds' ``Σ max(q·M, q·m)``, or with ``scoring: oracle`` each page's largest true logit), the output is softmax
-    attention over exactly those pages + the last one."""
+    bounds' ``Σ max(q·M, q·m)``, the same from the bounds' 8-bit copy with ``bounds_dtype: int8``, or with
+    ``scoring: oracle`` each page's largest true logit), the output is softmax attention over exactly those pages +
+    the last one."""
     if backend == "triton":
         pytest.importorskip("triton")
         if torch.cuda.is_available():
@@ -126,7 +138,10 @@ def test_chosen_pages_and_output_equal_the_reference(share, backend, scoring, mo
     monkeypatch.setenv("ATTNKIT_KERNELS", backend)
     g = torch.Generator().manual_seed(5)
     b, hq, hkv, d, page, pads = 2, 6, 2, 16, 4, [0, 6]
-    method = Quest(page_size=page, token_budget=16, dense_layers=[], share_gqa_group=share, scoring=scoring)
+    method = Quest(
+        page_size=page, token_budget=16, dense_layers=[], share_gqa_group=share,
+        scoring="oracle" if scoring == "oracle" else "bound", bounds_dtype="int8" if scoring == "int8" else "model",
+    )
     decode = QuestDecode(method, 0, dense=False)
     cache = method.make_cache_layer(0)
     k, v = torch.randn(b, hkv, 45, d, generator=g), torch.randn(b, hkv, 45, d, generator=g)
@@ -144,6 +159,12 @@ def test_chosen_pages_and_output_equal_the_reference(share, backend, scoring, mo
         valid = (key.shape[2] - torch.tensor(pads) + page - 1) // page - 1
         if scoring == "oracle":
             scores = brute_oracle(q1[:, :, 0], key, pads, page, valid, share)
+        elif scoring == "int8":
+            q_min, q_max, scale = quantize_bounds(lo, hi)
+            scores = score_ref.page_scores(q1[:, :, 0], q_min, q_max, valid, share, scale)
+            exact = score_ref.page_scores(q1[:, :, 0], lo, hi, valid, share)
+            finite = torch.isfinite(exact)
+            assert (scores[finite] >= exact[finite] - 1e-5).all()  # still an upper bound
         else:
             scores = score_ref.page_scores(q1[:, :, 0], lo, hi, valid, share)
         want = scores.topk(method.page_budget - 1, dim=-1).indices

@@ -9,6 +9,7 @@ from __future__ import annotations
 import pytest
 import torch
 
+from attnkit.kernels.page_bounds import reference as bounds_ref
 from attnkit.kernels.page_scores import reference as score_ref
 from attnkit.kernels.paged_decode import reference as attn_ref
 
@@ -18,6 +19,7 @@ DEVICE = "cuda" if CUDA else "cpu"  # on a GPU machine the same tests run the co
 gpu = pytest.mark.skipif(not CUDA, reason="needs a CUDA GPU")
 score_tri = pytest.importorskip("attnkit.kernels.page_scores.triton")
 attn_tri = pytest.importorskip("attnkit.kernels.paged_decode.triton")
+bounds_tri = pytest.importorskip("attnkit.kernels.page_bounds.triton")
 
 
 def _bounds(keys: torch.Tensor, pad: list[int], page: int) -> tuple[torch.Tensor, torch.Tensor]:
@@ -221,3 +223,104 @@ def test_page_scores_launch_settings_agree(config, nan_empty):
         assert torch.equal(torch.isinf(got), torch.isinf(want))
         finite = torch.isfinite(want)
         torch.testing.assert_close(got[finite], want[finite], rtol=1e-5, atol=1e-5)
+
+
+# ------------------------------------------------------------------------------------------- 8-bit page bounds
+def _wide_bounds(g: torch.Generator, *shape: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """Page bounds with channels of very different magnitudes (as RoPE'd keys have), some all-zero pages and some
+    single-token pages (min == max)."""
+    lo = torch.randn(*shape, generator=g) * torch.logspace(-3, 1.5, shape[-1])[torch.randperm(shape[-1], generator=g)]
+    hi = lo + torch.rand(*shape, generator=g) * lo.abs()
+    hi[..., 1, :] = lo[..., 1, :]
+    lo[..., 2, :] = hi[..., 2, :] = 0.0
+    return lo, hi
+
+
+def test_quantize_bounds_rounds_outward_by_at_most_one_step():
+    g = torch.Generator().manual_seed(0)
+    lo, hi = _wide_bounds(g, 3, 4, 9, 64)
+    q_min, q_max, scale = bounds_ref.quantize_bounds(lo, hi)
+    assert q_min.dtype == q_max.dtype == torch.int8 and scale.dtype == torch.float32 and scale.shape == (3, 4, 9)
+    assert q_min.abs().max() <= 127 and q_max.abs().max() <= 127
+    s = scale.double()[..., None]
+    up, down = q_max.double() * s, q_min.double() * s
+    assert (up >= hi.double()).all() and (down <= lo.double()).all()  # exact: still bounds
+    assert (up - hi.double() <= s * 1.0001).all() and (lo.double() - down <= s * 1.0001).all()  # one step at most
+    assert (q_min[..., 2, :] == 0).all() and (q_max[..., 2, :] == 0).all()  # an all-zero page stays zero
+    # bf16 bounds quantize from their exact values too
+    q_min16, q_max16, scale16 = bounds_ref.quantize_bounds(lo.bfloat16(), hi.bfloat16())
+    assert (q_max16.double() * scale16.double()[..., None] >= hi.bfloat16().double()).all()
+    assert (q_min16.double() * scale16.double()[..., None] <= lo.bfloat16().double()).all()
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=["fp32", "bf16"])
+def test_fold_last_token_int8_triton_matches_reference(dtype):
+    """Decode tokens folded into the bounds and their 8-bit copy (pages opened and tightened, padded rows), NaN /
+    −128 poisoned copies: Triton equals the reference (the GPU's division may round a quotient on the other side of
+    an integer: then the value may differ by one step, and must still bound)."""
+    g = torch.Generator().manual_seed(2)
+    b, h, d, page, cap = 3, 2, 48, 4, 40
+    pad = torch.tensor([0, 3, 6], dtype=torch.int32, device=DEVICE)
+    keys = (torch.randn(b, h, cap, d, generator=g) * 4).to(dtype).to(DEVICE)
+    state = {}
+    for name, mod in (("ref", bounds_ref), ("tri", bounds_tri)):
+        lo = torch.full((b, h, cap // page + 2, d), float("nan"), dtype=dtype, device=DEVICE)
+        hi = lo.clone()
+        q = (torch.full_like(lo, -128, dtype=torch.int8), torch.full_like(lo, -128, dtype=torch.int8),
+             torch.full(lo.shape[:3], float("nan"), device=DEVICE))
+        last = torch.full((b,), -1, dtype=torch.int32, device=DEVICE)
+        for length in range(7, 30):  # every row's first real token is at slot pad ≤ 6 < 7
+            if length == 7:  # the prefill's bounds, per row
+                for r in range(b):
+                    n = -(-(length - 1 - int(pad[r])) // page)
+                    for j in range(n):
+                        chunk = keys[r, :, int(pad[r]) + j * page : min(int(pad[r]) + (j + 1) * page, length - 1)]
+                        lo[r, :, j], hi[r, :, j] = chunk.amin(1), chunk.amax(1)
+                        q[0][r, :, j], q[1][r, :, j], q[2][r, :, j] = bounds_ref.quantize_bounds(lo[r, :, j], hi[r, :, j])
+            mod.fold_last_token(keys, lo, hi, last, length, pad, page, q)
+        state[name] = (lo, hi, *q, last)
+    ref, tri = state["ref"], state["tri"]
+    for r in range(b):
+        n = -(-(29 - int(pad[r])) // page)
+        assert torch.equal(tri[0][r, :, :n], ref[0][r, :, :n]) and torch.equal(tri[1][r, :, :n], ref[1][r, :, :n])
+        assert torch.equal(tri[5], ref[5])  # last page
+        assert torch.equal(tri[4][r, :, :n], ref[4][r, :, :n])  # scales
+        assert (tri[2][r, :, :n].int() - ref[2][r, :, :n].int()).abs().max() <= (0 if not CUDA else 1)
+        assert (tri[3][r, :, :n].int() - ref[3][r, :, :n].int()).abs().max() <= (0 if not CUDA else 1)
+        s = tri[4][r, :, :n].double()[..., None]
+        assert (tri[3][r, :, :n].double() * s >= ref[1][r, :, :n].double()).all()
+        assert (tri[2][r, :, :n].double() * s <= ref[0][r, :, :n].double()).all()
+
+
+@pytest.mark.parametrize("share", [False, True], ids=["per-head", "shared"])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=["fp32", "bf16"])
+@pytest.mark.parametrize("case", SCORE_CASES, ids=lambda c: "B{}-Hq{}-Hkv{}-P{}-D{}".format(*c))
+def test_page_scores_int8_triton_matches_reference(case, dtype, share, nan_empty):
+    """Scores from 8-bit bounds: Triton equals the reference (which dequantizes), and both bound the scores of the
+    exact bounds from above."""
+    b, hq, hkv, pages, d = case
+    if dtype == torch.bfloat16 and not CUDA:
+        dtype = torch.float32  # the interpreter's bf16 dot is wrong; bf16 runs on a GPU
+    g = torch.Generator().manual_seed(pages)
+    lo, hi = _wide_bounds(g, b, hkv, pages, d)
+    q = torch.randn(b, hq, d, generator=g).to(dtype).to(DEVICE)
+    q_min, q_max, scale = (t.to(DEVICE) for t in bounds_ref.quantize_bounds(lo, hi))
+    valid = torch.randint(1, pages + 1, (b,), generator=g).to(DEVICE)
+    want = score_ref.page_scores(q, q_min, q_max, valid, share, scale)
+    got = score_tri.page_scores(q, q_min, q_max, valid, share, scale)
+    assert torch.equal(torch.isinf(got), torch.isinf(want)) and not got.isnan().any()
+    finite = torch.isfinite(want)
+    torch.testing.assert_close(got[finite], want[finite], rtol=1e-5, atol=1e-4)
+    exact = score_ref.page_scores(q, lo.to(DEVICE), hi.to(DEVICE), valid, share)
+    assert (want[finite] >= exact[finite] - 1e-4).all()
+
+
+def test_page_scores_int8_input_errors():
+    q = torch.randn(1, 2, 16)
+    lo = torch.zeros(1, 1, 3, 16, dtype=torch.int8)
+    with pytest.raises(ValueError, match="need their page_scale"):
+        score_ref.page_scores(q, lo, lo, torch.tensor([3]))
+    with pytest.raises(ValueError, match="page_scale must be float32"):
+        score_ref.page_scores(q, lo, lo, torch.tensor([3]), False, torch.ones(1, 1, 4))
+    with pytest.raises(ValueError, match="must be int8"):
+        score_ref.page_scores(q, lo.float(), lo.float(), torch.tensor([3]), False, torch.ones(1, 1, 3))

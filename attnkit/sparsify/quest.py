@@ -5,7 +5,8 @@ minimum ``m`` and maximum ``M``, updated as tokens arrive. At each decode step, 
 
 1. **score** every page with the upper bound of its attention logit, ``Σ_i max(q_i·M_i, q_i·m_i)``, per query head
    or, with ``share_gqa_group``, once per KV head (the max over the group's query heads: every head of the group
-   then reads the same pages, so each page is read once per group);
+   then reads the same pages, so each page is read once per group); with ``bounds_dtype: int8`` from 8-bit bounds
+   rounded outward (still an upper bound; half the bytes of bf16 bounds: an attnkit extension, not in the paper);
 2. **select** the ``token_budget / page_size - 1`` best pages among the complete ones (``top_pages``: a one-launch
    Triton selection on a GPU, ``torch.topk`` elsewhere) plus the current, last page, which is always attended (as
    in Quest's kernels);
@@ -64,6 +65,12 @@ class Quest(Method):
         description="bound: Quest's page score Σ max(q·M, q·m) from the page bounds; oracle (a diagnostic that reads "
         "every key, no speedup): each page's true largest logit, the best any page scorer can select at this budget",
     )
+    bounds_dtype: Literal["model", "int8"] = Field(
+        "model",
+        description="model: page bounds in the keys' dtype (the paper); int8: scored from an 8-bit copy (one float32 "
+        "scale per page and head, rounded outward so it still bounds every logit, looser by at most the scale per "
+        "channel): scoring reads 2·D + 4 bytes per page and head instead of 4·D in bf16",
+    )
     sink_pages: int = Field(
         0, ge=0,
         description="always attend each row's first pages (the attention sink, as StreamingLLM keeps), inside the "
@@ -121,7 +128,9 @@ class Quest(Method):
 
     def make_cache_layer(self, layer_idx: int) -> PageBoundsLayer:
         # Only the layer index is known here: a negative dense_layers entry keeps its (unused) bounds.
-        return PageBoundsLayer(self.page_size, track_bounds=layer_idx not in self.dense_layers)
+        return PageBoundsLayer(
+            self.page_size, track_bounds=layer_idx not in self.dense_layers, int8_bounds=self.bounds_dtype == "int8"
+        )
 
 
 class QuestDecode(DecodeLayer):
@@ -160,6 +169,11 @@ class QuestDecode(DecodeLayer):
         # Pages before each row's last page compete; the last page (index last_page) is always attended.
         if method.scoring == "oracle":
             scores = oracle_page_scores(query, key, cache.pad, p, pages, cache.last_page, method.share_gqa_group)
+        elif cache.int8_bounds:
+            scores = page_scores(
+                query, cache.page_min_int8[:, :, :pages], cache.page_max_int8[:, :, :pages], cache.last_page,
+                method.share_gqa_group, cache.page_scale[:, :, :pages],
+            )
         else:
             scores = page_scores(
                 query, cache.page_min[:, :, :pages], cache.page_max[:, :, :pages], cache.last_page,
@@ -186,6 +200,6 @@ class QuestDecode(DecodeLayer):
                 "attnkit: Quest decodes without its page-bounds cache and recomputes the bounds every step; "
                 "pass past_key_values=attnkit.make_cache(model) to generate"
             )
-        cache = PageBoundsLayer(self.method.page_size)
+        cache = PageBoundsLayer(self.method.page_size, int8_bounds=self.method.bounds_dtype == "int8")
         cache.update(key, value)
         return cache

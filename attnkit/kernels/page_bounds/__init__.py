@@ -13,6 +13,7 @@ import torch
 
 from attnkit.kernels.block_sparse import backend_name
 from attnkit.kernels.page_bounds import reference
+from attnkit.kernels.page_bounds.reference import quantize_bounds
 
 
 def _triton() -> ModuleType | None:
@@ -30,9 +31,10 @@ def fold_last_token(
     length: int,
     pad: torch.Tensor,
     page_size: int,
+    int8_bounds: tuple[torch.Tensor, torch.Tensor, torch.Tensor] | None = None,
 ) -> None:
     """Dispatching entry point; see :func:`attnkit.kernels.page_bounds.reference.fold_last_token`."""
-    args = (keys, page_min, page_max, last_page, length, pad, page_size)
+    args = (keys, page_min, page_max, last_page, length, pad, page_size, int8_bounds)
     name = backend_name()
     if name == "reference":
         return reference.fold_last_token(*args)
@@ -44,4 +46,4 @@ def fold_last_token(
     return reference.fold_last_token(*args)
 
 
-__all__ = ["fold_last_token"]
+__all__ = ["fold_last_token", "quantize_bounds"]

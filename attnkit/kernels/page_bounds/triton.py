@@ -1,6 +1,7 @@
 """Quest's per-token page-bound update in Triton: one launch per layer and decode step (the PyTorch form is a
 dozen small kernels). Same signature and semantics as :func:`attnkit.kernels.page_bounds.reference.fold_last_token`.
-One program per (row, KV head) reads the new key and its page's bounds and writes the bounds back.
+One program per (row, KV head) reads the new key and its page's bounds and writes the bounds back (and, with
+``int8_bounds``, the page's 8-bit copy: the same arithmetic as :func:`~.reference.quantize_bounds`).
 """
 
 from __future__ import annotations
@@ -9,14 +10,19 @@ import torch
 import triton
 import triton.language as tl
 
+from attnkit.kernels.page_bounds.reference import INT8_LIMIT, OUTWARD, SCALE_FACTOR, TINY
+
 
 @triton.jit
 def _fold_kernel(
-    k_ptr, min_ptr, max_ptr, last_ptr, pad_ptr,
+    k_ptr, min_ptr, max_ptr, last_ptr, pad_ptr, qmin_ptr, qmax_ptr, scale_ptr,
     stride_kb, stride_kh, stride_ks,
     stride_bb, stride_bh, stride_bp,
+    stride_qb, stride_qh, stride_qp,
+    stride_sb, stride_sh,
     num_heads, length,
-    PAGE: tl.constexpr, D: tl.constexpr, BLOCK_D: tl.constexpr,
+    PAGE: tl.constexpr, D: tl.constexpr, BLOCK_D: tl.constexpr, INT8: tl.constexpr,
+    SCALE_FACTOR: tl.constexpr, OUTWARD: tl.constexpr, TINY: tl.constexpr, LIMIT: tl.constexpr,
 ):
     pid = tl.program_id(0)
     b = pid // num_heads
@@ -37,6 +43,19 @@ def _fold_kernel(
         hi = tl.maximum(tl.load(max_ptr + base, mask=d_ok).to(tl.float32), key)
     tl.store(min_ptr + base, lo.to(min_ptr.dtype.element_ty), mask=d_ok)
     tl.store(max_ptr + base, hi.to(max_ptr.dtype.element_ty), mask=d_ok)
+    if INT8:  # the stored (rounded) bounds are what the 8-bit copy must contain
+        lo = lo.to(min_ptr.dtype.element_ty).to(tl.float32)
+        hi = hi.to(max_ptr.dtype.element_ty).to(tl.float32)
+        amax = tl.max(tl.where(d_ok, tl.maximum(tl.abs(lo), tl.abs(hi)), 0.0), axis=0)
+        scale = tl.maximum(amax * SCALE_FACTOR, TINY)
+        x_lo = lo / scale
+        x_hi = hi / scale
+        q_lo = tl.minimum(tl.maximum(tl.floor(x_lo - tl.abs(x_lo) * OUTWARD), -LIMIT), LIMIT)
+        q_hi = tl.minimum(tl.maximum(tl.ceil(x_hi + tl.abs(x_hi) * OUTWARD), -LIMIT), LIMIT)
+        q_off = b.to(tl.int64) * stride_qb + h.to(tl.int64) * stride_qh + page.to(tl.int64) * stride_qp + offs
+        tl.store(qmin_ptr + q_off, q_lo.to(tl.int8), mask=d_ok)
+        tl.store(qmax_ptr + q_off, q_hi.to(tl.int8), mask=d_ok)
+        tl.store(scale_ptr + b.to(tl.int64) * stride_sb + h.to(tl.int64) * stride_sh + page, scale)
     if h == 0:
         tl.store(last_ptr + b, page)
 
@@ -49,16 +68,27 @@ def fold_last_token(
     length: int,
     pad: torch.Tensor,
     page_size: int,
+    int8_bounds: tuple[torch.Tensor, torch.Tensor, torch.Tensor] | None = None,
 ) -> None:
     """See :func:`attnkit.kernels.page_bounds.reference.fold_last_token`."""
     b, h, _, d = keys.shape
     if keys.stride(-1) != 1 or page_min.stride(-1) != 1 or page_max.stride() != page_min.stride():
         raise ValueError("fold_last_token needs the buffers' last dimension contiguous and one layout for min/max")
+    if int8_bounds is None:
+        q_min = q_max = scale = page_min  # unused (INT8 false): any pointer of the right kind
+        q_strides, s_strides = (0, 0, 0), (0, 0)
+    else:
+        q_min, q_max, scale = int8_bounds
+        if q_min.stride(-1) != 1 or q_max.stride() != q_min.stride() or scale.stride(-1) != 1:
+            raise ValueError("fold_last_token needs the 8-bit bounds' last dimension contiguous, one layout for both")
+        q_strides, s_strides = q_min.stride()[:3], scale.stride()[:2]
     _fold_kernel[(b * h,)](
-        keys, page_min, page_max, last_page, pad,
+        keys, page_min, page_max, last_page, pad, q_min, q_max, scale,
         keys.stride(0), keys.stride(1), keys.stride(2),
         page_min.stride(0), page_min.stride(1), page_min.stride(2),
+        *q_strides, *s_strides,
         h, length,
-        PAGE=page_size, D=d, BLOCK_D=triton.next_power_of_2(d),
+        PAGE=page_size, D=d, BLOCK_D=triton.next_power_of_2(d), INT8=int8_bounds is not None,
+        SCALE_FACTOR=SCALE_FACTOR, OUTWARD=OUTWARD, TINY=TINY, LIMIT=INT8_LIMIT,
         num_warps=1,
     )

@@ -15,7 +15,13 @@ import torch
 PAGE_CHUNK = 1024  # pages per step of the reference loop: bounds the fp32 temporaries at long contexts
 
 
-def check_inputs(query: torch.Tensor, page_min: torch.Tensor, page_max: torch.Tensor, valid_pages: torch.Tensor) -> None:
+def check_inputs(
+    query: torch.Tensor,
+    page_min: torch.Tensor,
+    page_max: torch.Tensor,
+    valid_pages: torch.Tensor,
+    page_scale: torch.Tensor | None = None,
+) -> None:
     if query.dim() != 3 or page_min.dim() != 4 or page_max.shape != page_min.shape:
         raise ValueError(
             f"expected query [B, Hq, D] and page_min/page_max [B, Hkv, pages, D] of one shape, got "
@@ -29,6 +35,16 @@ def check_inputs(query: torch.Tensor, page_min: torch.Tensor, page_max: torch.Te
         )
     if valid_pages.shape != (b,):
         raise ValueError(f"valid_pages must be [B] = [{b}], got {tuple(valid_pages.shape)}")
+    if page_scale is not None:
+        if page_min.dtype != torch.int8 or page_max.dtype != torch.int8:
+            raise ValueError(f"with page_scale the bounds must be int8 (quantize_bounds), got {page_min.dtype}")
+        if page_scale.shape != page_min.shape[:3] or page_scale.dtype != torch.float32:
+            raise ValueError(
+                f"page_scale must be float32 [B, Hkv, pages] = {list(page_min.shape[:3])}, got "
+                f"{page_scale.dtype} {list(page_scale.shape)}"
+            )
+    elif page_min.dtype == torch.int8:
+        raise ValueError("int8 page bounds need their page_scale")
 
 
 def page_scores(
@@ -37,6 +53,7 @@ def page_scores(
     page_max: torch.Tensor,
     valid_pages: torch.Tensor,
     share_gqa_group: bool = False,
+    page_scale: torch.Tensor | None = None,
 ) -> torch.Tensor:
     """Quest's upper bound of each page's attention logit, per query head or per GQA group.
 
@@ -48,11 +65,13 @@ def page_scores(
             exist in that row, or that the caller adds on its own, such as Quest's current page).
         share_gqa_group: score once per KV head: the maximum over the group's query heads (an upper bound of the
             largest logit any head of the group can give the page), so the group shares one page selection.
+        page_scale: ``[B, Hkv, P]`` float32, or None. Given, ``page_min``/``page_max`` are the 8-bit bounds of
+            :func:`attnkit.kernels.page_bounds.quantize_bounds` and stand for ``page_scale · page_min`` etc.
 
     Returns:
         ``[B, Hq, P]`` float32 scores, or ``[B, Hkv, P]`` with ``share_gqa_group``.
     """
-    check_inputs(query, page_min, page_max, valid_pages)
+    check_inputs(query, page_min, page_max, valid_pages, page_scale)
     b, hq, d = query.shape
     hkv, pages = page_min.shape[1], page_min.shape[2]
     q = query.float().view(b, hkv, hq // hkv, 1, d)
@@ -60,6 +79,9 @@ def page_scores(
     for start in range(0, pages, PAGE_CHUNK):
         hi = page_max[:, :, start : start + PAGE_CHUNK].float()[:, :, None]  # [B, Hkv, 1, chunk, D]
         lo = page_min[:, :, start : start + PAGE_CHUNK].float()[:, :, None]
+        if page_scale is not None:
+            scale = page_scale[:, :, None, start : start + PAGE_CHUNK, None]
+            hi, lo = hi * scale, lo * scale
         out[..., start : start + PAGE_CHUNK] = torch.maximum(q * hi, q * lo).sum(-1)
     index = torch.arange(pages, device=query.device)
     out = out.masked_fill(index >= valid_pages.to(query.device).view(b, 1, 1, 1), float("-inf"))

@@ -35,13 +35,14 @@ INTERPRET = os.environ.get("TRITON_INTERPRET", "0") == "1"
 
 @triton.jit
 def _page_scores_kernel(
-    q_ptr, min_ptr, max_ptr, valid_ptr, out_ptr,
+    q_ptr, min_ptr, max_ptr, valid_ptr, out_ptr, scale_ptr,
     stride_qb, stride_qh,
     stride_bb, stride_bh, stride_bp,
     stride_ob, stride_oh,
+    stride_sb, stride_sh,
     num_kv_heads, num_pages, pages_per_program,
     GROUP: tl.constexpr, BLOCK_G: tl.constexpr, BLOCK_P: tl.constexpr, D: tl.constexpr,
-    SHARE: tl.constexpr, IEEE: tl.constexpr, STAGES: tl.constexpr,
+    SHARE: tl.constexpr, IEEE: tl.constexpr, STAGES: tl.constexpr, INT8: tl.constexpr,
 ):
     pid = tl.program_id(0)
     b = pid // num_kv_heads
@@ -67,8 +68,11 @@ def _page_scores_kernel(
         offs_p = start + tl.arange(0, BLOCK_P)
         p_ok = offs_p < last
         page_off = offs_p.to(tl.int64)[:, None] * stride_bp + offs_d[None, :]
-        hi = tl.load(max_ptr + b_off + page_off, mask=p_ok[:, None], other=0.0)
-        lo = tl.load(min_ptr + b_off + page_off, mask=p_ok[:, None], other=0.0)
+        hi = tl.load(max_ptr + b_off + page_off, mask=p_ok[:, None], other=0)
+        lo = tl.load(min_ptr + b_off + page_off, mask=p_ok[:, None], other=0)
+        if INT8:  # |values| ≤ 127 are exact in bf16/fp16: the dots stay on tensor cores, the scale comes after
+            hi = hi.to(q.dtype)
+            lo = lo.to(q.dtype)
         if IEEE:
             hi = hi.to(tl.float32)
             lo = lo.to(tl.float32)
@@ -77,6 +81,10 @@ def _page_scores_kernel(
         else:
             s = tl.dot(q_pos, tl.trans(hi))
             s = tl.dot(q_neg, tl.trans(lo), s)
+        if INT8:
+            scale = tl.load(scale_ptr + b.to(tl.int64) * stride_sb + hkv.to(tl.int64) * stride_sh + offs_p,
+                            mask=p_ok, other=0.0)
+            s = s * scale[None, :]
         s = tl.where((offs_p < valid)[None, :], s, float("-inf"))
         if SHARE:
             s = tl.where(g_ok[:, None], s, float("-inf"))
@@ -92,8 +100,8 @@ def supports(query: torch.Tensor, page_min: torch.Tensor) -> str | None:
     d = query.shape[-1]
     if d < 16 or d > 256 or d & (d - 1):
         return f"head_dim {d} is not a power of two in [16, 256]"
-    if query.dtype not in (torch.float16, torch.bfloat16, torch.float32) or page_min.dtype != query.dtype:
-        return f"dtypes {query.dtype}/{page_min.dtype} (need one of fp16/bf16/fp32 for both)"
+    if query.dtype not in (torch.float16, torch.bfloat16, torch.float32) or page_min.dtype not in (query.dtype, torch.int8):
+        return f"dtypes {query.dtype}/{page_min.dtype} (need fp16/bf16/fp32 for both, or int8 bounds)"
     if query.shape[1] // page_min.shape[1] > 64:
         return "more than 64 query heads per KV head"
     return None
@@ -105,9 +113,10 @@ def page_scores(
     page_max: torch.Tensor,
     valid_pages: torch.Tensor,
     share_gqa_group: bool = False,
+    page_scale: torch.Tensor | None = None,
 ) -> torch.Tensor:
     """See :func:`attnkit.kernels.page_scores.reference.page_scores`."""
-    check_inputs(query, page_min, page_max, valid_pages)
+    check_inputs(query, page_min, page_max, valid_pages, page_scale)
     reason = supports(query, page_min)
     if reason is not None:
         raise ValueError(f"Triton page scoring does not support these inputs: {reason}")
@@ -120,7 +129,9 @@ def page_scores(
     out = torch.empty(b, hkv if share_gqa_group else hq, pages, dtype=torch.float32, device=query.device)
     if pages == 0:
         return out
-    _launch_scores(query, page_min, page_max, valid_pages, out, share_gqa_group, **score_config(d))
+    if page_scale is not None and page_scale.stride(-1) != 1:
+        page_scale = page_scale.contiguous()
+    _launch_scores(query, page_min, page_max, valid_pages, out, share_gqa_group, **score_config(d), page_scale=page_scale)
     return out
 
 
@@ -146,8 +157,11 @@ def _sm_count(device: torch.device) -> int:
     return torch.cuda.get_device_properties(device).multi_processor_count
 
 
-def _launch_scores(query, page_min, page_max, valid_pages, out, share, block_p, warps, stages, waves) -> None:
-    """Run the score kernel with explicit launch settings (``waves=0``: one tile per program)."""
+def _launch_scores(
+    query, page_min, page_max, valid_pages, out, share, block_p, warps, stages, waves, page_scale=None
+) -> None:
+    """Run the score kernel with explicit launch settings (``waves=0``: one tile per program); ``page_scale``:
+    the bounds are int8 (see :func:`page_scores`)."""
     b, hq, d = query.shape
     hkv, pages = page_min.shape[1], page_min.shape[2]
     group = hq // hkv
@@ -159,14 +173,17 @@ def _launch_scores(query, page_min, page_max, valid_pages, out, share, block_p, 
         tiles_per_program = 1
     pages_per_program = tiles_per_program * block_p
     grid = (b * hkv, triton.cdiv(pages, pages_per_program))
+    int8 = page_scale is not None
     _page_scores_kernel[grid](
         query, page_min, page_max, valid_pages.to(device=query.device, dtype=torch.int32), out,
+        page_scale if int8 else out,
         query.stride(0), query.stride(1),
         page_min.stride(0), page_min.stride(1), page_min.stride(2),
         out.stride(0), out.stride(1),
+        *(page_scale.stride()[:2] if int8 else (0, 0)),
         hkv, pages, pages_per_program,
         GROUP=group, BLOCK_G=max(16, triton.next_power_of_2(group)), BLOCK_P=block_p, D=d,
-        SHARE=share, IEEE=INTERPRET or query.dtype == torch.float32, STAGES=stages,
+        SHARE=share, IEEE=INTERPRET or query.dtype == torch.float32, STAGES=stages, INT8=int8,
         num_warps=warps,
     )
 
