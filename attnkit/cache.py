@@ -51,7 +51,9 @@ class SinkWindowLayer(DynamicLayer):
         values = torch.cat([self.values, value_states], dim=-2)
         keep_recent = self.window - 1
         if keys.shape[-2] > self.sink + keep_recent:
-            self.keys = torch.cat([keys[..., : self.sink, :], keys[..., keys.shape[-2] - keep_recent :, :]], dim=-2)
+            self.keys = torch.cat(
+                [keys[..., : self.sink, :], keys[..., keys.shape[-2] - keep_recent :, :]], dim=-2
+            )
             self.values = torch.cat(
                 [values[..., : self.sink, :], values[..., values.shape[-2] - keep_recent :, :]], dim=-2
             )
@@ -234,7 +236,9 @@ class PageBoundsLayer(DynamicLayer):
     def _fold_one_token(self) -> None:
         """One decode token per row: update its page's bounds in place, or start them if it opens the page (one
         Triton launch on a GPU: :func:`attnkit.kernels.page_bounds.fold_last_token`)."""
-        fold_last_token(self._keys, self.page_min, self.page_max, self.last_page, self.length, self.pad, self.page_size)
+        fold_last_token(
+            self._keys, self.page_min, self.page_max, self.last_page, self.length, self.pad, self.page_size
+        )
 
     # ------------------------------------------------------------------------ transformers' cache plumbing
     def reset(self) -> None:
@@ -345,7 +349,9 @@ class LinearAttentionLayer(DynamicLayer):
         self.kv_state = self.z_state = None
 
     def crop(self, tokens_to_remove: int) -> None:
-        raise NotImplementedError("a linear-attention cache has folded its tokens into a state and cannot be cropped")
+        raise NotImplementedError(
+            "a linear-attention cache has folded its tokens into a state and cannot be cropped"
+        )
 
     def batch_repeat_interleave(self, repeats: int) -> None:
         super().batch_repeat_interleave(repeats)

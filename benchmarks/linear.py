@@ -67,14 +67,18 @@ def rel_rmse(a: torch.Tensor, b: torch.Tensor) -> float:
 
 
 def main(argv: list[str] | None = None) -> dict:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
     parser.add_argument("--lengths", default="4096,16384,32768,65536,131072")
     parser.add_argument("--heads", type=int, default=32)
     parser.add_argument("--kv-heads", type=int, default=8)
     parser.add_argument("--head-dim", type=int, default=128)
     parser.add_argument("--feature-dim", type=int, default=64, help="Hedgehog projection size (features: 2×)")
     parser.add_argument("--window", type=int, default=64)
-    parser.add_argument("--reference-max", type=int, default=65536, help="longest length for the PyTorch references")
+    parser.add_argument(
+        "--reference-max", type=int, default=65536, help="longest length for the PyTorch references"
+    )
     parser.add_argument("--repeat", type=int, default=10)
     parser.add_argument("--dtype", default="bfloat16")
     parser.add_argument("--out", default=None)
@@ -99,20 +103,36 @@ def main(argv: list[str] | None = None) -> dict:
         "prefill": [],
         "decode": [],
     }
-    print(f"{result['device']}: Hq {hq}, Hkv {hkv}, D {d}, F {2 * args.feature_dim}, {dtype}; fla: {result['fla']}", flush=True)
+    print(
+        f"{result['device']}: Hq {hq}, Hkv {hkv}, D {d}, F {2 * args.feature_dim}, {dtype}; fla: {result['fla']}",
+        flush=True,
+    )
     g = torch.Generator(device=device).manual_seed(0)
     w = torch.full((hq,), 0.1, device=device)
     state_box: dict = {}
     for length in lengths:
         row = prefill_row(length, args, qmap, kmap, w, dtype, device, g, fla_reason, state_box, result)
         result["prefill"].append(row)
-        print("prefill " + json.dumps({k: round(v, 3) if isinstance(v, float) else v for k, v in row.items() if k.endswith("ms") or k == "length"}), flush=True)
+        print(
+            "prefill "
+            + json.dumps(
+                {
+                    k: round(v, 3) if isinstance(v, float) else v
+                    for k, v in row.items()
+                    if k.endswith("ms") or k == "length"
+                }
+            ),
+            flush=True,
+        )
         if cuda:
             torch.cuda.empty_cache()
     for length in lengths:
         row = decode_row(length, args, qmap, kmap, w, dtype, device, g)
         result["decode"].append(row)
-        print("decode " + json.dumps({k: round(v, 4) if isinstance(v, float) else v for k, v in row.items()}), flush=True)
+        print(
+            "decode " + json.dumps({k: round(v, 4) if isinstance(v, float) else v for k, v in row.items()}),
+            flush=True,
+        )
     print(markdown(result))
     if args.out:
         Path(args.out).parent.mkdir(parents=True, exist_ok=True)
@@ -121,7 +141,9 @@ def main(argv: list[str] | None = None) -> dict:
 
 
 @torch.no_grad()
-def prefill_row(length, args, qmap, kmap, w, dtype, device, g, fla_reason, checked: dict, result: dict) -> dict:
+def prefill_row(
+    length, args, qmap, kmap, w, dtype, device, g, fla_reason, checked: dict, result: dict
+) -> dict:
     """One prefill length: every backend timed on the same inputs (fla only once its check passed)."""
     hq, hkv, d = args.heads, args.kv_heads, args.head_dim
     q = torch.randn(1, hq, length, d, device=device, dtype=dtype, generator=g)
@@ -129,7 +151,8 @@ def prefill_row(length, args, qmap, kmap, w, dtype, device, g, fla_reason, check
     v = torch.randn(1, hkv, length, d, device=device, dtype=dtype, generator=g)
     row: dict = {"length": length}
     row["dense_sdpa_ms"] = timed(
-        lambda: torch.nn.functional.scaled_dot_product_attention(q, k, v, is_causal=True, enable_gqa=True), args.repeat
+        lambda: torch.nn.functional.scaled_dot_product_attention(q, k, v, is_causal=True, enable_gqa=True),
+        args.repeat,
     )
     qf, kf = qmap(q), kmap(k)
     row["feature_maps_ms"] = timed(lambda: (qmap(q), kmap(k)), args.repeat)
@@ -140,7 +163,9 @@ def prefill_row(length, args, qmap, kmap, w, dtype, device, g, fla_reason, check
             err = rel_rmse(out, ref)
             checked["fla_ok"] = err <= 5e-3
             result["fla_check"] = {"length": length, "relative_rmse": err, "passed": checked["fla_ok"]}
-            print(f"fla vs reference at {length}: relative RMSE {err:.2e} ({'ok' if checked['fla_ok'] else 'FAILED'})")
+            print(
+                f"fla vs reference at {length}: relative RMSE {err:.2e} ({'ok' if checked['fla_ok'] else 'FAILED'})"
+            )
         if checked["fla_ok"]:
             from fla.ops.linear_attn import chunk_linear_attn
 
@@ -149,11 +174,15 @@ def prefill_row(length, args, qmap, kmap, w, dtype, device, g, fla_reason, check
             qq = qf.to(dtype).transpose(1, 2).contiguous()
             kk = kf.to(dtype).repeat_interleave(groups, 1).transpose(1, 2).contiguous()
             vv = v.repeat_interleave(groups, 1).transpose(1, 2).contiguous()
-            row["fla_kernel_ms"] = timed(lambda: chunk_linear_attn(qq, kk, vv, scale=1.0, normalize=True), args.repeat)
+            row["fla_kernel_ms"] = timed(
+                lambda: chunk_linear_attn(qq, kk, vv, scale=1.0, normalize=True), args.repeat
+            )
     if length <= args.reference_max:
         slow = max(3, args.repeat // 3)
         row["reference_chunked_ms"] = timed(lambda: linear_attention_chunked(qf, kf, v), slow)
-        row["window_hybrid_ms"] = timed(lambda: window_linear_attention_chunked(q, k, v, qf, kf, args.window, w), slow)
+        row["window_hybrid_ms"] = timed(
+            lambda: window_linear_attention_chunked(q, k, v, qf, kf, args.window, w), slow
+        )
     for key in [name for name in row if name.endswith("_ms")]:
         row[key.replace("_ms", "_tokens_per_s")] = length / (row[key] / 1e3)
         if key != "dense_sdpa_ms":
@@ -170,7 +199,9 @@ def decode_row(length, args, qmap, kmap, w, dtype, device, g) -> dict:
     q = torch.randn(1, hq, 1, d, device=device, dtype=dtype, generator=g)
     kc = torch.randn(1, hkv, length, d, device=device, dtype=dtype, generator=g)
     vc = torch.randn(1, hkv, length, d, device=device, dtype=dtype, generator=g)
-    row["dense_ms"] = timed(lambda: torch.nn.functional.scaled_dot_product_attention(q, kc, vc, enable_gqa=True), args.repeat)
+    row["dense_ms"] = timed(
+        lambda: torch.nn.functional.scaled_dot_product_attention(q, kc, vc, enable_gqa=True), args.repeat
+    )
     row["dense_cache_bytes"] = 2 * kc.numel() * kc.element_size()
     state = (torch.rand(1, hkv, feat, d, device=device), torch.rand(1, hkv, feat, device=device) + 1)
     k1 = torch.randn(1, hkv, 1, d, device=device, dtype=dtype, generator=g)
@@ -180,10 +211,14 @@ def decode_row(length, args, qmap, kmap, w, dtype, device, g) -> dict:
     kw = torch.randn(1, hkv, args.window, d, device=device, dtype=dtype, generator=g)
     vw = torch.randn(1, hkv, args.window, d, device=device, dtype=dtype, generator=g)
     row["window_hybrid_ms"] = timed(
-        lambda: window_linear_attention_quadratic(q, kw, vw, qmap(q), kmap(kw), args.window, w, 1.0, None, state),
+        lambda: window_linear_attention_quadratic(
+            q, kw, vw, qmap(q), kmap(kw), args.window, w, 1.0, None, state
+        ),
         args.repeat,
     )
-    row["window_hybrid_bytes"] = row["linear_state_bytes"] + 2 * (args.window - 1) * hkv * d * kw.element_size()
+    row["window_hybrid_bytes"] = (
+        row["linear_state_bytes"] + 2 * (args.window - 1) * hkv * d * kw.element_size()
+    )
     return row
 
 
@@ -198,13 +233,20 @@ def markdown(result: dict) -> str:
         "|---|---|---|---|---|---|---|",
     ]
     for r in result["prefill"]:
-        lin = "–" if "attnkit_linear_ms" not in r else f"{r['attnkit_linear_ms']:.2f} ({r['attnkit_linear_vs_dense']:.2f}×)"
+        lin = (
+            "–"
+            if "attnkit_linear_ms" not in r
+            else f"{r['attnkit_linear_ms']:.2f} ({r['attnkit_linear_vs_dense']:.2f}×)"
+        )
         lines.append(
             f"| {r['length']} | {f(r, 'dense_sdpa_ms')} | {lin} | {f(r, 'fla_kernel_ms')} | {f(r, 'reference_chunked_ms')} | "
             f"{f(r, 'window_hybrid_ms')} | {f(r, 'feature_maps_ms')} |"
         )
-    lines += ["", "| context | dense decode ms | dense KV MiB | linear step ms | state MiB | window hybrid step ms | MiB |",
-              "|---|---|---|---|---|---|---|"]
+    lines += [
+        "",
+        "| context | dense decode ms | dense KV MiB | linear step ms | state MiB | window hybrid step ms | MiB |",
+        "|---|---|---|---|---|---|---|",
+    ]
     for r in result["decode"]:
         lines.append(
             f"| {r['length']} | {r['dense_ms']:.3f} | {r['dense_cache_bytes'] / 2**20:.1f} | {r['linear_ms']:.3f} | "

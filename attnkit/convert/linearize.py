@@ -83,16 +83,24 @@ class AttentionTransfer(BaseModel):
     seq_len: int = Field(1024, gt=1, description="tokens per training sequence (LoLCATs: 1024)")
     batch_size: int = Field(1, gt=0, description="sequences per forward, per process")
     grad_accum: int = Field(1, gt=0, description="forwards per optimizer step")
-    mse_weight: float = Field(1.0, ge=0, description="weight of the MSE between linear and softmax attention outputs")
-    xent_weight: float = Field(
-        0.0, ge=0, description="weight of the cross-entropy between softmax and linear attention weights (S×S per head)"
+    mse_weight: float = Field(
+        1.0, ge=0, description="weight of the MSE between linear and softmax attention outputs"
     )
-    data: str = Field("builtin:corpus", min_length=1, description='"builtin:corpus", a dataset name, or a local file/folder')
+    xent_weight: float = Field(
+        0.0,
+        ge=0,
+        description="weight of the cross-entropy between softmax and linear attention weights (S×S per head)",
+    )
+    data: str = Field(
+        "builtin:corpus", min_length=1, description='"builtin:corpus", a dataset name, or a local file/folder'
+    )
     data_config: str | None = Field(None, description="dataset configuration name")
     data_split: str = Field("train")
     text_field: str = Field("text")
     seed: int = Field(0, description="seed of the data order")
-    checkpoint_every: int = Field(0, ge=0, description="save a resumable state every N steps (0: only at the end)")
+    checkpoint_every: int = Field(
+        0, ge=0, description="save a resumable state every N steps (0: only at the end)"
+    )
     log_every: int = Field(1, gt=0)
 
     @model_validator(mode="after")
@@ -109,7 +117,8 @@ class LoraFinetune(BaseModel):
 
     steps: int = Field(0, ge=0, description="optimizer steps (0: no stage 2)")
     loss: Literal["lm", "distill"] = Field(
-        "lm", description="lm: next-token cross-entropy; distill: KL(original model ‖ linearized) on the logits"
+        "lm",
+        description="lm: next-token cross-entropy; distill: KL(original model ‖ linearized) on the logits",
     )
     temperature: float = Field(1.0, gt=0, description="logit distillation temperature")
     rank: int = Field(8, gt=0, description="LoRA rank (LoLCATs: 8)")
@@ -151,14 +160,20 @@ class Linearize(Method):
     init: Literal["identity", "kaiming"] = Field(
         "identity", description="hedgehog projection init: identity (LoLCATs zero_init) or kaiming-uniform"
     )
-    window: int = Field(0, ge=0, description="softmax window in tokens (LoLCATs: 64); 0: pure linear attention")
+    window: int = Field(
+        0, ge=0, description="softmax window in tokens (LoLCATs: 64); 0: pure linear attention"
+    )
     init_window_factor: float = Field(
         -2.1972245773362196, description="initial window_factors logit (sigmoid → 0.1, LoLCATs' value)"
     )
-    affine_factors: bool = Field(False, description="linear factor 1 − w instead of 1 (LoLCATs affine_attention_factors)")
+    affine_factors: bool = Field(
+        False, description="linear factor 1 − w instead of 1 (LoLCATs affine_attention_factors)"
+    )
     train_window_factors: bool = Field(True, description="window factors train in attention transfer")
     keep_softmax_every: int = Field(
-        0, ge=0, description="layer hybrid: every N-th selected layer index (N−1, 2N−1, …) stays softmax; 0: none"
+        0,
+        ge=0,
+        description="layer hybrid: every N-th selected layer index (N−1, 2N−1, …) stays softmax; 0: none",
     )
     chunk_size: int = Field(64, gt=0, description="chunk length of the chunked prefill form")
     seed: int = Field(0, description="seed of the performer random features")
@@ -206,7 +221,8 @@ class HedgehogFeatureMap(nn.Module):
         super().__init__()
         self.weight = nn.Parameter(torch.empty(heads, head_dim, feature_dim))
         with torch.no_grad():
-            if init == "identity":  # softmax(x) at the start: a rectangular identity when feature_dim ≠ head_dim
+            # identity: softmax(x) at the start (a rectangular identity when feature_dim ≠ head_dim)
+            if init == "identity":
                 self.weight.copy_(torch.eye(head_dim, feature_dim).expand(heads, -1, -1))
             else:
                 for h in range(heads):
@@ -263,7 +279,9 @@ class CosFormerFeatureMap(nn.Module):
         return torch.cat([r * angle.cos()[:, None], r * angle.sin()[:, None]], -1).clamp_min(FEATURE_EPS)
 
 
-def make_feature_map(method: Linearize, heads: int, head_dim: int, config, layer_idx: int, is_query: bool) -> nn.Module:
+def make_feature_map(
+    method: Linearize, heads: int, head_dim: int, config, layer_idx: int, is_query: bool
+) -> nn.Module:
     name = method.feature_map
     if name == "hedgehog":
         return HedgehogFeatureMap(heads, head_dim, method.feature_dim, method.init)
@@ -271,7 +289,9 @@ def make_feature_map(method: Linearize, heads: int, head_dim: int, config, layer
         return EluFeatureMap(head_dim)
     if name == "performer":
         # q and k must share ω (the kernel estimate needs the same projections); one draw per layer.
-        return PerformerFeatureMap(heads, head_dim, method.feature_dim, method.seed * 100_003 + layer_idx, is_query)
+        return PerformerFeatureMap(
+            heads, head_dim, method.feature_dim, method.seed * 100_003 + layer_idx, is_query
+        )
     max_len = int(getattr(config, "max_position_embeddings", 0) or 8192)
     return CosFormerFeatureMap(head_dim, max_len)
 
@@ -300,7 +320,8 @@ class LinearAttention(ReplacementLayer):
         self.q_map = make_feature_map(method, self.num_heads, self.head_dim, config, layer_idx, True)
         self.k_map = make_feature_map(method, self.num_kv_heads, self.head_dim, config, layer_idx, False)
         if method.feature_map == "performer":  # φq·φk estimates exp(q·k/√D) only if a query head and its key
-            groups = self.num_heads // self.num_kv_heads  # head share ω: one draw per KV head, repeated per group
+            # head share ω: one draw per KV head, repeated per group
+            groups = self.num_heads // self.num_kv_heads
             self.q_map.omega.copy_(self.k_map.omega.repeat_interleave(groups, 0))
         self.features = self.q_map.features
         if method.window:
@@ -380,7 +401,11 @@ class LinearAttention(ReplacementLayer):
         return out.to(query.dtype)
 
     def attention_weights(
-        self, query: torch.Tensor, key: torch.Tensor, scale: float | None, key_padding_mask: torch.Tensor | None = None
+        self,
+        query: torch.Tensor,
+        key: torch.Tensor,
+        scale: float | None,
+        key_padding_mask: torch.Tensor | None = None,
     ) -> torch.Tensor:
         """The linear (or hybrid) attention weights ``[B, Hq, S, S]`` of a stateless call with ``Sq == Sk`` (for
         the cross-entropy loss of attention transfer; O(S²))."""
@@ -401,7 +426,9 @@ class LinearAttention(ReplacementLayer):
             in_window = causal & (i[None, :] > i[:, None] - window)
             in_linear = causal & ~in_window
             scale = dim**-0.5 if scale is None else scale
-            scores = torch.einsum("bhgsd,bhtd->bhgst", query.float().view(batch, hkv, groups, seq, dim), key.float())
+            scores = torch.einsum(
+                "bhgsd,bhtd->bhgst", query.float().view(batch, hkv, groups, seq, dim), key.float()
+            )
             scores = scores * scale
             if key_padding_mask is not None:
                 in_window = in_window & key_padding_mask[:, None, None, None, :].bool()
@@ -432,7 +459,11 @@ def _attention_pre_hook(module: nn.Module, args: tuple, kwargs: dict) -> None:
     layer._cache = None
     cache = kwargs.get("cache", kwargs.get("past_key_values"))
     layers = getattr(cache, "layers", None)
-    if layers is not None and layer.cache_index < len(layers) and isinstance(layers[layer.cache_index], LinearAttentionLayer):
+    if (
+        layers is not None
+        and layer.cache_index < len(layers)
+        and isinstance(layers[layer.cache_index], LinearAttentionLayer)
+    ):
         layer._cache = layers[layer.cache_index]
     return None
 

@@ -96,5 +96,17 @@ def window_linear_attention(
             q, k, v, q_feat, k_feat, window, window_factor, linear_factor, scale, state, key_padding_mask, eps
         )
     return window_linear_attention_chunked(
-        q, k, v, q_feat, k_feat, window, window_factor, linear_factor, scale, state, key_padding_mask, eps, chunk_size
+        q,
+        k,
+        v,
+        q_feat,
+        k_feat,
+        window,
+        window_factor,
+        linear_factor,
+        scale,
+        state,
+        key_padding_mask,
+        eps,
+        chunk_size,
     )

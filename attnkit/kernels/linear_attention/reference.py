@@ -192,7 +192,10 @@ def linear_attention_chunked(
     qc = q.view(batch, hkv, groups, n, c, feat)
     kc = k.view(batch, hkv, n, c, feat)
     vc = vv.view(batch, hkv, n, c, dim)
-    scores = torch.einsum("bhgncf,bhnmf->bhgncm", qc, kc) * torch.ones(c, c, dtype=torch.bool, device=q.device).tril()
+    scores = (
+        torch.einsum("bhgncf,bhnmf->bhgncm", qc, kc)
+        * torch.ones(c, c, dtype=torch.bool, device=q.device).tril()
+    )
     num = torch.einsum("bhgncm,bhnmd->bhgncd", scores, vc)
     den = scores.sum(-1)
     chunk_kv = torch.einsum("bhnmf,bhnmd->bhnfd", kc, vc)  # [B, Hkv, N, F, D]
@@ -270,7 +273,8 @@ def window_linear_attention_quadratic(
     scores = torch.einsum("bhgsd,bhld->bhgsl", qg, k.float()) * scale
     scores = scores.masked_fill(~in_window, float("-inf"))
     top = scores.amax(-1, keepdim=True)
-    top = torch.where(torch.isfinite(top), top, torch.zeros_like(top))  # a window of padding only: no softmax term
+    # a window of padding only: no softmax term
+    top = torch.where(torch.isfinite(top), top, torch.zeros_like(top))
     w = _factors(window_factor, hkv, groups, device)
     lin = _factors(linear_factor, hkv, groups, device)
     a_win = w * torch.exp(scores - top)
@@ -335,10 +339,15 @@ def window_linear_attention_chunked(
 
     qc = qq.view(batch, hkv, groups, n, c, dim)
     fqc = fq.view(batch, hkv, groups, n, c, feat)
-    kc, vc, kfc = kk.view(batch, hkv, n, c, dim), vv.view(batch, hkv, n, c, dim), kf.view(batch, hkv, n, c, feat)
+    kc, vc, kfc = (
+        kk.view(batch, hkv, n, c, dim),
+        vv.view(batch, hkv, n, c, dim),
+        kf.view(batch, hkv, n, c, feat),
+    )
     realc = real.view(batch, n, c)
 
-    def two(x: torch.Tensor) -> torch.Tensor:  # [B, H, N, C, X] → chunks n−1 and n side by side: [B, H, N, 2C, X]
+    def two(x: torch.Tensor) -> torch.Tensor:
+        """``[B, H, N, C, X]`` → chunks n−1 and n side by side: ``[B, H, N, 2C, X]``."""
         prev = torch.cat([torch.zeros_like(x[:, :, :1]), x[:, :, :-1]], 2)
         return torch.cat([prev, x], 3)
 
