@@ -281,6 +281,13 @@ class PageBoundsLayer(DynamicLayer):
         raise NotImplementedError("Quest's page-bounds cache does not support offloading")
 
 
+def _owned(t: torch.Tensor) -> torch.Tensor:
+    """``t`` if it is contiguous and alone in its storage, else a compact copy."""
+    if t.is_contiguous() and t.untyped_storage().nbytes() == t.numel() * t.element_size():
+        return t
+    return t.clone(memory_format=torch.contiguous_format)
+
+
 class LinearAttentionLayer(DynamicLayer):
     """A linear-attention layer's cache: the recurrent state plus, for the sliding-window hybrid, its window.
 
@@ -319,8 +326,12 @@ class LinearAttentionLayer(DynamicLayer):
         return None if self.kv_state is None else (self.kv_state, self.z_state)
 
     def commit(self, state: tuple[torch.Tensor, torch.Tensor], keep: int) -> None:
-        """Store the new recurrent ``state`` and keep only the buffer's last ``keep`` tokens."""
-        self.kv_state, self.z_state = state[0].detach(), state[1].detach()
+        """Store the new recurrent ``state`` and keep only the buffer's last ``keep`` tokens.
+
+        The layer owns its state tensors: a view into a larger buffer (fla's prefill returns the last token of its
+        ``[B, Hkv, S, F]`` key sums, and a strided slice of a per-query-head state) is copied once, so the buffer is
+        freed and the fused decode step may update the state in place."""
+        self.kv_state, self.z_state = _owned(state[0].detach()), _owned(state[1].detach())
         stored = self.keys.shape[-2]
         start = max(0, stored - keep)
         self.keys = self.keys[..., start:, :]

@@ -11,8 +11,11 @@ features (``2 × 64 = 128`` per head, fp32 feature maps as attnkit runs them):
    chunked form); plus the Hedgehog feature maps alone. Tokens/s and the ratio to dense. fla is checked against the
    reference first (relative RMSE ≤ 5e-3 at 4K); it is not timed if the check fails.
 2. **decode**, one new token over a context of each length: dense SDPA over a KV cache of that length vs the linear
-   recurrent step from a ``[B, Hkv, F, D]`` state (and the window hybrid's step: state + 63 cached tokens). Time per
-   token and the bytes each keeps per layer: the linear ones must not grow with the context.
+   recurrent step from a ``[B, Hkv, F, D]`` state (the eager path: both feature maps, then
+   ``linear_attention_recurrent``), the fused Hedgehog step (``hedgehog_decode_step``: one Triton launch on CUDA,
+   the same raw q/k/v and state; checked against the eager step's output and new state first, relative RMSE ≤ 1e-5,
+   and not timed if the check fails), and the window hybrid's step (state + 63 cached tokens). Time per token and the
+   bytes each keeps per layer: the linear ones must not grow with the context.
 
 Medians of CUDA-event timings after warm-up, all in one process. For the model-level numbers (TTFT, TPOT, peak
 memory through ``generate``-style steps) run ``attnkit bench --shape llama3-8b --recipe
@@ -31,8 +34,10 @@ from pathlib import Path
 import torch
 
 from attnkit.convert.linearize import HedgehogFeatureMap
+from attnkit.kernels.block_sparse import backend_name
 from attnkit.kernels.linear_attention import (
     causal_linear_attention,
+    hedgehog_decode_step,
     linear_attention_chunked,
     linear_attention_recurrent,
     window_linear_attention_chunked,
@@ -130,7 +135,13 @@ def main(argv: list[str] | None = None) -> dict:
         row = decode_row(length, args, qmap, kmap, w, dtype, device, g)
         result["decode"].append(row)
         print(
-            "decode " + json.dumps({k: round(v, 4) if isinstance(v, float) else v for k, v in row.items()}),
+            "decode "
+            + json.dumps(
+                {
+                    k: round(v, 4) if isinstance(v, float) and not k.endswith("rmse") else v
+                    for k, v in row.items()
+                }
+            ),
             flush=True,
         )
     print(markdown(result))
@@ -208,6 +219,21 @@ def decode_row(length, args, qmap, kmap, w, dtype, device, g) -> dict:
     v1 = torch.randn(1, hkv, 1, d, device=device, dtype=dtype, generator=g)
     row["linear_ms"] = timed(lambda: linear_attention_recurrent(qmap(q), kmap(k1), v1, state), args.repeat)
     row["linear_state_bytes"] = sum(t.numel() * t.element_size() for t in state)
+    # The fused step updates its state in place: it gets a copy, checked against one eager step before any timing.
+    want, (want_kv, want_z) = linear_attention_recurrent(qmap(q), kmap(k1), v1, state)
+    fused_kv, fused_z = state[0].clone(), state[1].clone()
+    got = hedgehog_decode_step(q, k1, v1, qmap.weight, kmap.weight, fused_kv, fused_z)
+    err = max(rel_rmse(got, want), rel_rmse(fused_kv, want_kv), rel_rmse(fused_z, want_z))
+    row["fused_backend"] = fused_backend(q, qmap.weight, state)
+    row["fused_check_relative_rmse"] = err
+    if err <= 1e-5:
+        row["fused_ms"] = timed(
+            lambda: hedgehog_decode_step(q, k1, v1, qmap.weight, kmap.weight, fused_kv, fused_z), args.repeat
+        )
+        row["fused_vs_dense"] = row["dense_ms"] / row["fused_ms"]
+        row["fused_vs_linear"] = row["linear_ms"] / row["fused_ms"]
+    else:
+        print(f"fused decode step vs the eager step at {length}: relative RMSE {err:.2e} (FAILED, not timed)")
     kw = torch.randn(1, hkv, args.window, d, device=device, dtype=dtype, generator=g)
     vw = torch.randn(1, hkv, args.window, d, device=device, dtype=dtype, generator=g)
     row["window_hybrid_ms"] = timed(
@@ -220,6 +246,20 @@ def decode_row(length, args, qmap, kmap, w, dtype, device, g) -> dict:
         row["linear_state_bytes"] + 2 * (args.window - 1) * hkv * d * kw.element_size()
     )
     return row
+
+
+def fused_backend(q, q_weight, state) -> str:
+    """Which backend ``hedgehog_decode_step`` dispatches these inputs to (the same rule as its dispatcher)."""
+    name = backend_name()
+    if name == "reference":
+        return "reference"
+    try:
+        from attnkit.kernels.linear_attention import triton as fused_triton
+    except ImportError:
+        return "reference"
+    if name == "triton" or (q.is_cuda and fused_triton.supports(q, q_weight, *state) is None):
+        return "triton"
+    return "reference"
 
 
 def markdown(result: dict) -> str:
@@ -244,13 +284,16 @@ def markdown(result: dict) -> str:
         )
     lines += [
         "",
-        "| context | dense decode ms | dense KV MiB | linear step ms | state MiB | window hybrid step ms | MiB |",
-        "|---|---|---|---|---|---|---|",
+        "| context | dense decode ms | dense KV MiB | linear step ms | fused Hedgehog step ms (× dense) | state MiB "
+        "| window hybrid step ms | MiB |",
+        "|---|---|---|---|---|---|---|---|",
     ]
     for r in result["decode"]:
+        fused = "failed check" if "fused_ms" not in r else f"{r['fused_ms']:.3f} ({r['fused_vs_dense']:.2f}×)"
         lines.append(
             f"| {r['length']} | {r['dense_ms']:.3f} | {r['dense_cache_bytes'] / 2**20:.1f} | {r['linear_ms']:.3f} | "
-            f"{r['linear_state_bytes'] / 2**20:.2f} | {r['window_hybrid_ms']:.3f} | {r['window_hybrid_bytes'] / 2**20:.2f} |"
+            f"{fused} | {r['linear_state_bytes'] / 2**20:.2f} | {r['window_hybrid_ms']:.3f} | "
+            f"{r['window_hybrid_bytes'] / 2**20:.2f} |"
         )
     return "\n".join(lines)
 

@@ -39,6 +39,9 @@ Decode: each linearized layer keeps a :class:`~attnkit.cache.LinearAttentionLaye
 to ``generate``): the state ``(Σ φk vᵀ, Σ φk)`` and, with a window, the last ``window − 1`` keys/values, O(1) in the
 context length. With transformers' default ``DynamicCache`` the layer still computes the right output, from the
 whole cached history (no memory saving).
+With Hedgehog feature maps and no window, the one-token step with that cache is a single fused launch on CUDA
+(:func:`attnkit.kernels.linear_attention.hedgehog_decode_step`: both feature maps, the state update in place and
+the readout); other feature maps, the window hybrid, and any call with gradients enabled take the eager path.
 
 Limits: attention dropout is not supported (``model.eval()``); the model's mask must be causal + padding (no
 configured sliding window or packed sequences); ``cosformer`` positions count from the first slot of the batch
@@ -58,7 +61,9 @@ from torch import nn
 from attnkit.cache import LinearAttentionLayer
 from attnkit.kernels.linear_attention import (
     causal_linear_attention,
+    empty_state,
     fold_state,
+    hedgehog_decode_step,
     window_linear_attention,
 )
 from attnkit.method import Method, ReplacementLayer
@@ -370,6 +375,8 @@ class LinearAttention(ReplacementLayer):
             if key_padding_mask.dim() != 2:
                 raise ValueError("linear attention takes a 2-D key padding mask [B, seen tokens]")
             key_padding_mask = key_padding_mask[:, -sk:].bool()
+        if cache is not None and sq == sk == 1 and self._fused_decode():
+            return self._hedgehog_decode(query, key, value, key_padding_mask, cache)
         first = cache.cumulative_length - sk if cache is not None else 0
         q_feat, k_feat = self.feature_maps(query, key, first)
         state = cache.state if cache is not None else None
@@ -399,6 +406,44 @@ class LinearAttention(ReplacementLayer):
                 folded = folded * real[:, :, : sk - keep]
             cache.commit(fold_state(folded, value[:, :, : sk - keep], state), keep)
         return out.to(query.dtype)
+
+    def _fused_decode(self) -> bool:
+        """Whether a one-token step with attnkit's cache runs the fused Hedgehog decode step: pure linear attention
+        (no window), Hedgehog feature maps, no gradients (the step updates the cache's state in place and has no
+        backward; training keeps the differentiable path)."""
+        return (
+            not self.method.window and self.method.feature_map == "hedgehog" and not torch.is_grad_enabled()
+        )
+
+    def _hedgehog_decode(
+        self,
+        query: torch.Tensor,
+        key: torch.Tensor,
+        value: torch.Tensor,
+        key_padding_mask: torch.Tensor | None,
+        cache: LinearAttentionLayer,
+    ) -> torch.Tensor:
+        """The decode step ``query [B, Hq, 1, D]``, ``key/value [B, Hkv, 1, D]`` → ``[B, Hq, 1, D]`` in one launch on
+        CUDA (:func:`~attnkit.kernels.linear_attention.hedgehog_decode_step`), updating the cache's state in place;
+        the same result as the eager path (feature maps, then :func:`causal_linear_attention`)."""
+        state = cache.state
+        if state is None:  # a one-token prompt: no prefill has made a state yet
+            state = empty_state(query.shape[0], self.num_kv_heads, self.features, self.head_dim, query.device)
+        real = None if key_padding_mask is None else key_padding_mask[:, -1]
+        out = hedgehog_decode_step(
+            query,
+            key,
+            value,
+            self.q_map.weight,
+            self.k_map.weight,
+            state[0],
+            state[1],
+            real,
+            feature_eps=FEATURE_EPS,
+            out_dtype=query.dtype,
+        )
+        cache.commit(state, keep=0)
+        return out
 
     def attention_weights(
         self,
