@@ -51,7 +51,9 @@ class SinkWindowLayer(DynamicLayer):
         values = torch.cat([self.values, value_states], dim=-2)
         keep_recent = self.window - 1
         if keys.shape[-2] > self.sink + keep_recent:
-            self.keys = torch.cat([keys[..., : self.sink, :], keys[..., keys.shape[-2] - keep_recent :, :]], dim=-2)
+            self.keys = torch.cat(
+                [keys[..., : self.sink, :], keys[..., keys.shape[-2] - keep_recent :, :]], dim=-2
+            )
             self.values = torch.cat(
                 [values[..., : self.sink, :], values[..., values.shape[-2] - keep_recent :, :]], dim=-2
             )
@@ -302,6 +304,13 @@ class PageBoundsLayer(DynamicLayer):
         raise NotImplementedError("Quest's page-bounds cache does not support offloading")
 
 
+def _owned(t: torch.Tensor) -> torch.Tensor:
+    """``t`` if it is contiguous and alone in its storage, else a compact copy."""
+    if t.is_contiguous() and t.untyped_storage().nbytes() == t.numel() * t.element_size():
+        return t
+    return t.clone(memory_format=torch.contiguous_format)
+
+
 class LinearAttentionLayer(DynamicLayer):
     """A linear-attention layer's cache: the recurrent state plus, for the sliding-window hybrid, its window.
 
@@ -340,8 +349,12 @@ class LinearAttentionLayer(DynamicLayer):
         return None if self.kv_state is None else (self.kv_state, self.z_state)
 
     def commit(self, state: tuple[torch.Tensor, torch.Tensor], keep: int) -> None:
-        """Store the new recurrent ``state`` and keep only the buffer's last ``keep`` tokens."""
-        self.kv_state, self.z_state = state[0].detach(), state[1].detach()
+        """Store the new recurrent ``state`` and keep only the buffer's last ``keep`` tokens.
+
+        The layer owns its state tensors: a view into a larger buffer (fla's prefill returns the last token of its
+        ``[B, Hkv, S, F]`` key sums, and a strided slice of a per-query-head state) is copied once, so the buffer is
+        freed and the fused decode step may update the state in place."""
+        self.kv_state, self.z_state = _owned(state[0].detach()), _owned(state[1].detach())
         stored = self.keys.shape[-2]
         start = max(0, stored - keep)
         self.keys = self.keys[..., start:, :]
@@ -370,7 +383,9 @@ class LinearAttentionLayer(DynamicLayer):
         self.kv_state = self.z_state = None
 
     def crop(self, tokens_to_remove: int) -> None:
-        raise NotImplementedError("a linear-attention cache has folded its tokens into a state and cannot be cropped")
+        raise NotImplementedError(
+            "a linear-attention cache has folded its tokens into a state and cannot be cropped"
+        )
 
     def batch_repeat_interleave(self, repeats: int) -> None:
         super().batch_repeat_interleave(repeats)

@@ -83,7 +83,6 @@ def check_point(decode, cache, q, key, value, scale: float) -> dict:
     from attnkit.kernels.paged_decode import triton as attn_tri
 
     method = decode.method
-    pages = cache.num_pages()
     query = q[:, :, 0]
     valid = (key.shape[-2] - cache.pad + method.page_size - 1) // method.page_size - 1
     bounds, scale8 = _bounds(cache)

@@ -39,6 +39,9 @@ Decode: each linearized layer keeps a :class:`~attnkit.cache.LinearAttentionLaye
 to ``generate``): the state ``(Σ φk vᵀ, Σ φk)`` and, with a window, the last ``window − 1`` keys/values, O(1) in the
 context length. With transformers' default ``DynamicCache`` the layer still computes the right output, from the
 whole cached history (no memory saving).
+With Hedgehog feature maps and no window, the one-token step with that cache is a single fused launch on CUDA
+(:func:`attnkit.kernels.linear_attention.hedgehog_decode_step`: both feature maps, the state update in place and
+the readout); other feature maps, the window hybrid, and any call with gradients enabled take the eager path.
 
 Limits: attention dropout is not supported (``model.eval()``); the model's mask must be causal + padding (no
 configured sliding window or packed sequences); ``cosformer`` positions count from the first slot of the batch
@@ -58,7 +61,9 @@ from torch import nn
 from attnkit.cache import LinearAttentionLayer
 from attnkit.kernels.linear_attention import (
     causal_linear_attention,
+    empty_state,
     fold_state,
+    hedgehog_decode_step,
     window_linear_attention,
 )
 from attnkit.method import Method, ReplacementLayer
@@ -83,16 +88,24 @@ class AttentionTransfer(BaseModel):
     seq_len: int = Field(1024, gt=1, description="tokens per training sequence (LoLCATs: 1024)")
     batch_size: int = Field(1, gt=0, description="sequences per forward, per process")
     grad_accum: int = Field(1, gt=0, description="forwards per optimizer step")
-    mse_weight: float = Field(1.0, ge=0, description="weight of the MSE between linear and softmax attention outputs")
-    xent_weight: float = Field(
-        0.0, ge=0, description="weight of the cross-entropy between softmax and linear attention weights (S×S per head)"
+    mse_weight: float = Field(
+        1.0, ge=0, description="weight of the MSE between linear and softmax attention outputs"
     )
-    data: str = Field("builtin:corpus", min_length=1, description='"builtin:corpus", a dataset name, or a local file/folder')
+    xent_weight: float = Field(
+        0.0,
+        ge=0,
+        description="weight of the cross-entropy between softmax and linear attention weights (S×S per head)",
+    )
+    data: str = Field(
+        "builtin:corpus", min_length=1, description='"builtin:corpus", a dataset name, or a local file/folder'
+    )
     data_config: str | None = Field(None, description="dataset configuration name")
     data_split: str = Field("train")
     text_field: str = Field("text")
     seed: int = Field(0, description="seed of the data order")
-    checkpoint_every: int = Field(0, ge=0, description="save a resumable state every N steps (0: only at the end)")
+    checkpoint_every: int = Field(
+        0, ge=0, description="save a resumable state every N steps (0: only at the end)"
+    )
     log_every: int = Field(1, gt=0)
 
     @model_validator(mode="after")
@@ -109,7 +122,8 @@ class LoraFinetune(BaseModel):
 
     steps: int = Field(0, ge=0, description="optimizer steps (0: no stage 2)")
     loss: Literal["lm", "distill"] = Field(
-        "lm", description="lm: next-token cross-entropy; distill: KL(original model ‖ linearized) on the logits"
+        "lm",
+        description="lm: next-token cross-entropy; distill: KL(original model ‖ linearized) on the logits",
     )
     temperature: float = Field(1.0, gt=0, description="logit distillation temperature")
     rank: int = Field(8, gt=0, description="LoRA rank (LoLCATs: 8)")
@@ -151,14 +165,20 @@ class Linearize(Method):
     init: Literal["identity", "kaiming"] = Field(
         "identity", description="hedgehog projection init: identity (LoLCATs zero_init) or kaiming-uniform"
     )
-    window: int = Field(0, ge=0, description="softmax window in tokens (LoLCATs: 64); 0: pure linear attention")
+    window: int = Field(
+        0, ge=0, description="softmax window in tokens (LoLCATs: 64); 0: pure linear attention"
+    )
     init_window_factor: float = Field(
         -2.1972245773362196, description="initial window_factors logit (sigmoid → 0.1, LoLCATs' value)"
     )
-    affine_factors: bool = Field(False, description="linear factor 1 − w instead of 1 (LoLCATs affine_attention_factors)")
+    affine_factors: bool = Field(
+        False, description="linear factor 1 − w instead of 1 (LoLCATs affine_attention_factors)"
+    )
     train_window_factors: bool = Field(True, description="window factors train in attention transfer")
     keep_softmax_every: int = Field(
-        0, ge=0, description="layer hybrid: every N-th selected layer index (N−1, 2N−1, …) stays softmax; 0: none"
+        0,
+        ge=0,
+        description="layer hybrid: every N-th selected layer index (N−1, 2N−1, …) stays softmax; 0: none",
     )
     chunk_size: int = Field(64, gt=0, description="chunk length of the chunked prefill form")
     seed: int = Field(0, description="seed of the performer random features")
@@ -206,7 +226,8 @@ class HedgehogFeatureMap(nn.Module):
         super().__init__()
         self.weight = nn.Parameter(torch.empty(heads, head_dim, feature_dim))
         with torch.no_grad():
-            if init == "identity":  # softmax(x) at the start: a rectangular identity when feature_dim ≠ head_dim
+            # identity: softmax(x) at the start (a rectangular identity when feature_dim ≠ head_dim)
+            if init == "identity":
                 self.weight.copy_(torch.eye(head_dim, feature_dim).expand(heads, -1, -1))
             else:
                 for h in range(heads):
@@ -263,7 +284,9 @@ class CosFormerFeatureMap(nn.Module):
         return torch.cat([r * angle.cos()[:, None], r * angle.sin()[:, None]], -1).clamp_min(FEATURE_EPS)
 
 
-def make_feature_map(method: Linearize, heads: int, head_dim: int, config, layer_idx: int, is_query: bool) -> nn.Module:
+def make_feature_map(
+    method: Linearize, heads: int, head_dim: int, config, layer_idx: int, is_query: bool
+) -> nn.Module:
     name = method.feature_map
     if name == "hedgehog":
         return HedgehogFeatureMap(heads, head_dim, method.feature_dim, method.init)
@@ -271,7 +294,9 @@ def make_feature_map(method: Linearize, heads: int, head_dim: int, config, layer
         return EluFeatureMap(head_dim)
     if name == "performer":
         # q and k must share ω (the kernel estimate needs the same projections); one draw per layer.
-        return PerformerFeatureMap(heads, head_dim, method.feature_dim, method.seed * 100_003 + layer_idx, is_query)
+        return PerformerFeatureMap(
+            heads, head_dim, method.feature_dim, method.seed * 100_003 + layer_idx, is_query
+        )
     max_len = int(getattr(config, "max_position_embeddings", 0) or 8192)
     return CosFormerFeatureMap(head_dim, max_len)
 
@@ -300,7 +325,8 @@ class LinearAttention(ReplacementLayer):
         self.q_map = make_feature_map(method, self.num_heads, self.head_dim, config, layer_idx, True)
         self.k_map = make_feature_map(method, self.num_kv_heads, self.head_dim, config, layer_idx, False)
         if method.feature_map == "performer":  # φq·φk estimates exp(q·k/√D) only if a query head and its key
-            groups = self.num_heads // self.num_kv_heads  # head share ω: one draw per KV head, repeated per group
+            # head share ω: one draw per KV head, repeated per group
+            groups = self.num_heads // self.num_kv_heads
             self.q_map.omega.copy_(self.k_map.omega.repeat_interleave(groups, 0))
         self.features = self.q_map.features
         if method.window:
@@ -349,6 +375,8 @@ class LinearAttention(ReplacementLayer):
             if key_padding_mask.dim() != 2:
                 raise ValueError("linear attention takes a 2-D key padding mask [B, seen tokens]")
             key_padding_mask = key_padding_mask[:, -sk:].bool()
+        if cache is not None and sq == sk == 1 and self._fused_decode():
+            return self._hedgehog_decode(query, key, value, key_padding_mask, cache)
         first = cache.cumulative_length - sk if cache is not None else 0
         q_feat, k_feat = self.feature_maps(query, key, first)
         state = cache.state if cache is not None else None
@@ -379,8 +407,50 @@ class LinearAttention(ReplacementLayer):
             cache.commit(fold_state(folded, value[:, :, : sk - keep], state), keep)
         return out.to(query.dtype)
 
+    def _fused_decode(self) -> bool:
+        """Whether a one-token step with attnkit's cache runs the fused Hedgehog decode step: pure linear attention
+        (no window), Hedgehog feature maps, no gradients (the step updates the cache's state in place and has no
+        backward; training keeps the differentiable path)."""
+        return (
+            not self.method.window and self.method.feature_map == "hedgehog" and not torch.is_grad_enabled()
+        )
+
+    def _hedgehog_decode(
+        self,
+        query: torch.Tensor,
+        key: torch.Tensor,
+        value: torch.Tensor,
+        key_padding_mask: torch.Tensor | None,
+        cache: LinearAttentionLayer,
+    ) -> torch.Tensor:
+        """The decode step ``query [B, Hq, 1, D]``, ``key/value [B, Hkv, 1, D]`` → ``[B, Hq, 1, D]`` in one launch on
+        CUDA (:func:`~attnkit.kernels.linear_attention.hedgehog_decode_step`), updating the cache's state in place;
+        the same result as the eager path (feature maps, then :func:`causal_linear_attention`)."""
+        state = cache.state
+        if state is None:  # a one-token prompt: no prefill has made a state yet
+            state = empty_state(query.shape[0], self.num_kv_heads, self.features, self.head_dim, query.device)
+        real = None if key_padding_mask is None else key_padding_mask[:, -1]
+        out = hedgehog_decode_step(
+            query,
+            key,
+            value,
+            self.q_map.weight,
+            self.k_map.weight,
+            state[0],
+            state[1],
+            real,
+            feature_eps=FEATURE_EPS,
+            out_dtype=query.dtype,
+        )
+        cache.commit(state, keep=0)
+        return out
+
     def attention_weights(
-        self, query: torch.Tensor, key: torch.Tensor, scale: float | None, key_padding_mask: torch.Tensor | None = None
+        self,
+        query: torch.Tensor,
+        key: torch.Tensor,
+        scale: float | None,
+        key_padding_mask: torch.Tensor | None = None,
     ) -> torch.Tensor:
         """The linear (or hybrid) attention weights ``[B, Hq, S, S]`` of a stateless call with ``Sq == Sk`` (for
         the cross-entropy loss of attention transfer; O(S²))."""
@@ -401,7 +471,9 @@ class LinearAttention(ReplacementLayer):
             in_window = causal & (i[None, :] > i[:, None] - window)
             in_linear = causal & ~in_window
             scale = dim**-0.5 if scale is None else scale
-            scores = torch.einsum("bhgsd,bhtd->bhgst", query.float().view(batch, hkv, groups, seq, dim), key.float())
+            scores = torch.einsum(
+                "bhgsd,bhtd->bhgst", query.float().view(batch, hkv, groups, seq, dim), key.float()
+            )
             scores = scores * scale
             if key_padding_mask is not None:
                 in_window = in_window & key_padding_mask[:, None, None, None, :].bool()
@@ -432,7 +504,11 @@ def _attention_pre_hook(module: nn.Module, args: tuple, kwargs: dict) -> None:
     layer._cache = None
     cache = kwargs.get("cache", kwargs.get("past_key_values"))
     layers = getattr(cache, "layers", None)
-    if layers is not None and layer.cache_index < len(layers) and isinstance(layers[layer.cache_index], LinearAttentionLayer):
+    if (
+        layers is not None
+        and layer.cache_index < len(layers)
+        and isinstance(layers[layer.cache_index], LinearAttentionLayer)
+    ):
         layer._cache = layers[layer.cache_index]
     return None
 

@@ -11,6 +11,9 @@ and decoding keeps only ``(S, z)``: memory O(F·D) per head whatever the context
 - :func:`linear_attention_chunked`: the chunked causal form used for prefill and training (O(S·C) inside chunks of
   ``C`` tokens, O(S/C) state steps between them);
 - :func:`linear_attention_recurrent`: one token at a time from the state (the decode step; any length for tests);
+- :func:`hedgehog_decode_step`: the decode step from the raw post-RoPE token with Hedgehog feature maps
+  (:func:`hedgehog_features` + :func:`linear_attention_recurrent`, state updated in place): the spec of the fused
+  Triton kernel in ``triton.py``;
 - :func:`window_linear_attention_quadratic` / :func:`window_linear_attention_chunked`: LoLCATs' sliding-window
   hybrid: softmax over the last ``window`` keys plus linear attention over every older key, under one normalizer
   (Zhang et al. 2024, "LoLCATs", ``hybrid_attention_quadratic``):
@@ -192,7 +195,10 @@ def linear_attention_chunked(
     qc = q.view(batch, hkv, groups, n, c, feat)
     kc = k.view(batch, hkv, n, c, feat)
     vc = vv.view(batch, hkv, n, c, dim)
-    scores = torch.einsum("bhgncf,bhnmf->bhgncm", qc, kc) * torch.ones(c, c, dtype=torch.bool, device=q.device).tril()
+    scores = (
+        torch.einsum("bhgncf,bhnmf->bhgncm", qc, kc)
+        * torch.ones(c, c, dtype=torch.bool, device=q.device).tril()
+    )
     num = torch.einsum("bhgncm,bhnmd->bhgncd", scores, vc)
     den = scores.sum(-1)
     chunk_kv = torch.einsum("bhnmf,bhnmd->bhnfd", kc, vc)  # [B, Hkv, N, F, D]
@@ -270,7 +276,8 @@ def window_linear_attention_quadratic(
     scores = torch.einsum("bhgsd,bhld->bhgsl", qg, k.float()) * scale
     scores = scores.masked_fill(~in_window, float("-inf"))
     top = scores.amax(-1, keepdim=True)
-    top = torch.where(torch.isfinite(top), top, torch.zeros_like(top))  # a window of padding only: no softmax term
+    # a window of padding only: no softmax term
+    top = torch.where(torch.isfinite(top), top, torch.zeros_like(top))
     w = _factors(window_factor, hkv, groups, device)
     lin = _factors(linear_factor, hkv, groups, device)
     a_win = w * torch.exp(scores - top)
@@ -335,10 +342,15 @@ def window_linear_attention_chunked(
 
     qc = qq.view(batch, hkv, groups, n, c, dim)
     fqc = fq.view(batch, hkv, groups, n, c, feat)
-    kc, vc, kfc = kk.view(batch, hkv, n, c, dim), vv.view(batch, hkv, n, c, dim), kf.view(batch, hkv, n, c, feat)
+    kc, vc, kfc = (
+        kk.view(batch, hkv, n, c, dim),
+        vv.view(batch, hkv, n, c, dim),
+        kf.view(batch, hkv, n, c, feat),
+    )
     realc = real.view(batch, n, c)
 
-    def two(x: torch.Tensor) -> torch.Tensor:  # [B, H, N, C, X] → chunks n−1 and n side by side: [B, H, N, 2C, X]
+    def two(x: torch.Tensor) -> torch.Tensor:
+        """``[B, H, N, C, X]`` → chunks n−1 and n side by side: ``[B, H, N, 2C, X]``."""
         prev = torch.cat([torch.zeros_like(x[:, :, :1]), x[:, :, :-1]], 2)
         return torch.cat([prev, x], 3)
 
@@ -375,3 +387,104 @@ def window_linear_attention_chunked(
     den = den + lin[..., 0] * torch.einsum("bhgncf,bhnf->bhgnc", fqc, prior_z)
     out = (num / (den[..., None] + eps)).reshape(batch, hq, total, dim)
     return out[:, :, total - sq :]
+
+
+# ---------------------------------------------------------------------------- fused Hedgehog decode step
+HEDGEHOG_FEATURE_EPS = 1e-12  # the clamp of attnkit.convert.linearize.FEATURE_EPS (LoLCATs' value)
+
+
+def hedgehog_features(
+    x: torch.Tensor, weight: torch.Tensor, feature_eps: float = HEDGEHOG_FEATURE_EPS
+) -> torch.Tensor:
+    """Hedgehog's feature map ``[softmax(x W), softmax(−x W)]`` clamped at ``feature_eps``, per head, in float32:
+    ``x [B, H, S, D]``, ``weight [H, D, Fh]`` → ``[B, H, S, 2·Fh]``. The definition
+    :class:`attnkit.convert.linearize.HedgehogFeatureMap` computes (tested equal)."""
+    proj = torch.einsum("bhsd,hdf->bhsf", x.float(), weight.float())
+    return torch.cat([torch.softmax(proj, -1), torch.softmax(-proj, -1)], -1).clamp_min(feature_eps)
+
+
+def check_hedgehog_decode(
+    query: torch.Tensor,
+    key: torch.Tensor,
+    value: torch.Tensor,
+    q_weight: torch.Tensor,
+    k_weight: torch.Tensor,
+    kv_state: torch.Tensor,
+    z_state: torch.Tensor,
+    real: torch.Tensor | None,
+) -> None:
+    """Raise ``ValueError`` unless the arguments fit :func:`hedgehog_decode_step` (shared by every backend)."""
+    if query.dim() != 4 or key.dim() != 4 or value.dim() != 4:
+        raise ValueError("query, key, value must be 4-D [B, H, 1, D]")
+    batch, hq, sq, dim = query.shape
+    hkv = key.shape[1]
+    if sq != 1 or key.shape != (batch, hkv, 1, dim) or value.shape != (batch, hkv, 1, dim):
+        raise ValueError(
+            f"the decode step takes one token: query {tuple(query.shape)}, key {tuple(key.shape)}, "
+            f"value {tuple(value.shape)} (need [B, Hq, 1, D] and [B, Hkv, 1, D])"
+        )
+    if hq % hkv:
+        raise ValueError(f"query heads ({hq}) must be a multiple of key/value heads ({hkv})")
+    if (
+        q_weight.dim() != 3
+        or q_weight.shape[:2] != (hq, dim)
+        or k_weight.shape != (hkv, dim, q_weight.shape[2])
+    ):
+        raise ValueError(
+            f"feature-map weights must be [Hq, D, Fh] / [Hkv, D, Fh] = [{hq}, {dim}, Fh] / [{hkv}, {dim}, Fh]; got "
+            f"{tuple(q_weight.shape)} / {tuple(k_weight.shape)}"
+        )
+    feat = 2 * q_weight.shape[2]
+    if kv_state.shape != (batch, hkv, feat, dim) or z_state.shape != (batch, hkv, feat):
+        raise ValueError(
+            f"state must be kv [B, Hkv, 2·Fh, D] = [{batch}, {hkv}, {feat}, {dim}] and z [B, Hkv, 2·Fh]; got "
+            f"{tuple(kv_state.shape)} / {tuple(z_state.shape)}"
+        )
+    if kv_state.dtype != torch.float32 or z_state.dtype != torch.float32:
+        raise ValueError(f"the state is float32; got {kv_state.dtype} / {z_state.dtype}")
+    if real is not None and real.shape != (batch,):
+        raise ValueError(f"real must be [B] = [{batch}], got {tuple(real.shape)}")
+
+
+def hedgehog_decode_step(
+    query: torch.Tensor,
+    key: torch.Tensor,
+    value: torch.Tensor,
+    q_weight: torch.Tensor,
+    k_weight: torch.Tensor,
+    kv_state: torch.Tensor,
+    z_state: torch.Tensor,
+    real: torch.Tensor | None = None,
+    eps: float = DEFAULT_EPS,
+    feature_eps: float = HEDGEHOG_FEATURE_EPS,
+    out_dtype: torch.dtype = torch.float32,
+) -> torch.Tensor:
+    """One decode step of pure linear attention with Hedgehog feature maps, from the raw post-RoPE token.
+
+    Args:
+        query: ``[B, Hq, 1, D]``; key, value: ``[B, Hkv, 1, D]`` (model dtype). Query head ``h`` reads KV head
+            ``h // (Hq / Hkv)`` (GQA without copies).
+        q_weight: ``[Hq, D, Fh]``, k_weight: ``[Hkv, D, Fh]``: the Hedgehog projections (:func:`hedgehog_features`;
+            ``F = 2·Fh`` features).
+        kv_state: ``[B, Hkv, F, D]`` float32, ``Σ φk vᵀ`` over every earlier token; z_state: ``[B, Hkv, F]`` float32,
+            ``Σ φk``. **Updated in place** to include this token: the tensors belong to the caller's cache
+            (:class:`attnkit.cache.LinearAttentionLayer`), which must own their memory (no view of a larger buffer,
+            no tensor shared with another row or layer).
+        real: optional ``[B]`` (bool or 0/1): 0 marks a padded row, whose key adds nothing to the state (its
+            ``φk`` is multiplied by 0, as the prefill path does with ``key_padding_mask``); its query still reads.
+        eps: added to the normalizer; feature_eps: the clamp of the feature maps.
+        out_dtype: dtype of the output (float32 by default; the model dtype saves the caller a cast).
+
+    The step (the same order as :func:`linear_attention_recurrent`, which this calls):
+    ``φk = real · hedgehog(k)``, ``S += φk vᵀ``, ``z += φk``, then ``out = (φq S) / (φq · z + eps)`` with
+    ``φq = hedgehog(q)``: the token attends to itself. Returns ``out [B, Hq, 1, D]``.
+    """
+    check_hedgehog_decode(query, key, value, q_weight, k_weight, kv_state, z_state, real)
+    q_feat = hedgehog_features(query, q_weight, feature_eps)
+    k_feat = hedgehog_features(key, k_weight, feature_eps)
+    if real is not None:
+        k_feat = k_feat * real.to(device=k_feat.device, dtype=k_feat.dtype)[:, None, None, None]
+    out, (kv, z) = linear_attention_recurrent(q_feat, k_feat, value, (kv_state, z_state), eps=eps)
+    kv_state.copy_(kv)
+    z_state.copy_(z)
+    return out.to(out_dtype)
