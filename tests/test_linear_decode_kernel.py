@@ -238,6 +238,8 @@ def generate(model, ids, mask, new_tokens):
 def test_generate_with_the_fused_step_equals_the_eager_path(backend, monkeypatch):
     """tiny-qwen2 (GQA 3:1, head_dim 16), Hedgehog with 12 projections (24 features), a left-padded batch: the fused
     decode step gives the eager path's tokens, logits and final state."""
+    if backend == "triton" and torch.cuda.is_available():
+        pytest.skip("CPU tensors through Triton need the interpreter (CPU-only machines); GPU: the kernel tests")
     model, _ = attnkit.load_model("tiny-qwen2", dtype="float32", device="cpu")
     attnkit.apply(model, recipe())
     ids, mask = random_batch(model.config.vocab_size, 2, 9, pad_lengths=[0, 3], seed=3)
