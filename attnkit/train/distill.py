@@ -37,7 +37,6 @@ import json
 import logging
 import math
 import os
-import shutil
 import time
 from collections.abc import Iterator
 from dataclasses import dataclass, field
@@ -405,13 +404,11 @@ def distill(
     checkpoint is then written by the main process from an unsharded copy on the CPU that receives the gathered full
     state dict.
     """
-    from accelerate import Accelerator
-
-    from attnkit.checkpoint import CheckpointError, save
     from attnkit.models import load_model
     from attnkit.patch import apply
     from attnkit.recipe import Recipe
-    from attnkit.train.sharding import fsdp2_settings, full_state_dict, shard_frozen
+    from attnkit.train.loop import close_run, open_run
+    from attnkit.train.sharding import fsdp2_settings, shard_frozen
 
     recipe = Recipe.load(recipe)
     if not any(isinstance(s, SeerAttention) for s in recipe.steps):
@@ -433,21 +430,7 @@ def distill(
             f"recipe {recipe.name!r} has no seer_attention step and no conversion step with a recover: block: "
             "nothing to distill"
         )
-    out = Path(out)
-    if out.exists() and not overwrite:
-        raise CheckpointError(f"output folder {out} already exists (pass --overwrite to replace it)")
-    staging = out.with_name(f"{out.name}.train")
-    if staging.exists() and not (resume or overwrite):
-        raise CheckpointError(
-            f"{staging} holds an unfinished training run: pass --resume (resume=True) to continue it, or "
-            "--overwrite (overwrite=True) to start over"
-        )
-
-    accelerator = Accelerator()
-    if staging.exists() and not resume:
-        if accelerator.is_main_process:
-            shutil.rmtree(staging)
-        accelerator.wait_for_everyone()
+    out, staging, accelerator = open_run(out, overwrite=overwrite, resume=resume)
     seconds: dict[str, float] = {}
     start = time.perf_counter()
     lm, tokenizer = load_model(model, dtype=dtype, device=device or str(accelerator.device))
@@ -473,22 +456,10 @@ def distill(
         else:
             step.fit(lm, None)
     seconds["train"] = time.perf_counter() - start
-    full_state = full_state_dict(lm) if sharding is not None else None  # collective: every process joins
-    if accelerator.is_main_process:
-        start = time.perf_counter()
-        if full_state is not None:  # save from a whole copy: the sharded weights are DTensor pieces
-            whole, _ = load_model(model, dtype=dtype, device="cpu")
-            apply(whole, recipe, fit=False)
-            whole.load_state_dict(full_state)
-            save(whole, out, tokenizer=tokenizer, overwrite=overwrite)
-        else:
-            save(lm, out, tokenizer=tokenizer, overwrite=overwrite)
-        shutil.move(str(staging), str(out / "train"))
-        seconds["save"] = time.perf_counter() - start
-    accelerator.wait_for_everyone()
-    for r in results:
-        if r.out_dir is not None:
-            r.out_dir = out / "train" / r.out_dir.relative_to(staging)
+    close_run(
+        lm, results, accelerator=accelerator, sharded=sharding is not None, model=model, recipe=recipe, out=out,
+        staging=staging, tokenizer=tokenizer, overwrite=overwrite, dtype=dtype, seconds=seconds,
+    )
     return DistillReport(recipe.name, model, out, results, seconds, thresholds, sharded)
 
 

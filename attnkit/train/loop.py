@@ -22,6 +22,7 @@ import contextlib
 import json
 import math
 import os
+import shutil
 import time
 from collections.abc import Callable, Iterator
 from pathlib import Path
@@ -283,3 +284,62 @@ def _progress(enabled: bool, total: int, start: int, label: str):
             progress.update(task, completed=step, loss="-" if loss is None else f"{loss:.4f}")
 
         yield advance
+
+
+# ------------------------------------------------------------------------------------ an `attnkit distill` run
+def open_run(out: str | os.PathLike, *, overwrite: bool, resume: bool) -> tuple[Path, Path, Any]:
+    """Check an ``attnkit distill`` run's folders before any work; returns ``(out, staging, accelerator)``.
+
+    The checkpoint goes to ``out`` (refused when it exists and ``overwrite`` is false); training files go to the
+    staging folder ``<out>.train/`` while the run is under way. An unfinished run's staging folder needs ``resume``
+    (continue it) or ``overwrite`` (deleted here, by the main process, before training starts)."""
+    from accelerate import Accelerator
+
+    from attnkit.checkpoint import CheckpointError
+
+    out = Path(out)
+    if out.exists() and not overwrite:
+        raise CheckpointError(f"output folder {out} already exists (pass --overwrite to replace it)")
+    staging = out.with_name(f"{out.name}.train")
+    if staging.exists() and not (resume or overwrite):
+        raise CheckpointError(
+            f"{staging} holds an unfinished training run: pass --resume (resume=True) to continue it, or "
+            "--overwrite (overwrite=True) to start over"
+        )
+    accelerator = Accelerator()
+    if staging.exists() and not resume:
+        if accelerator.is_main_process:
+            shutil.rmtree(staging)
+        accelerator.wait_for_everyone()
+    return out, staging, accelerator
+
+
+def close_run(
+    lm: nn.Module, results: list, *, accelerator: Any, sharded: bool, model: str, recipe: Any, out: Path,
+    staging: Path, tokenizer: Any, overwrite: bool, dtype: Any, seconds: dict[str, float],
+) -> None:
+    """Save the trained model to ``out`` and move the staging folder to ``<out>/train/``; ``results``' folders are
+    rewritten to where they now are. With FSDP2 (``sharded``) every process joins the full-state gather and the main
+    process saves from a whole copy on the CPU (the sharded weights are DTensor pieces)."""
+    from attnkit.checkpoint import save
+    from attnkit.models import load_model
+    from attnkit.patch import apply
+    from attnkit.train.sharding import full_state_dict
+
+    full_state = full_state_dict(lm) if sharded else None  # collective: every process joins
+    if accelerator.is_main_process:
+        start = time.perf_counter()
+        if full_state is not None:
+            whole, _ = load_model(model, dtype=dtype, device="cpu")
+            apply(whole, recipe, fit=False)
+            whole.load_state_dict(full_state)
+            save(whole, out, tokenizer=tokenizer, overwrite=overwrite)
+        else:
+            save(lm, out, tokenizer=tokenizer, overwrite=overwrite)
+        if staging.exists():
+            shutil.move(str(staging), str(out / "train"))
+        seconds["save"] = time.perf_counter() - start
+    accelerator.wait_for_everyone()
+    for r in results:
+        if r.out_dir is not None:
+            r.out_dir = out / "train" / r.out_dir.relative_to(staging)
