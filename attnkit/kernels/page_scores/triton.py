@@ -228,7 +228,8 @@ def _top_pages_kernel(scores_ptr, out_ptr, stride_s, stride_o, n, k, BLOCK: tl.c
 def _top_pages_bitpairs_kernel(scores_ptr, out_ptr, stride_s, stride_o, n, k, BLOCK: tl.constexpr):
     """The same selection as ``_top_pages_kernel``, two bits of the k-th largest key per pass: the counts at the
     three candidate thresholds of a bit pair share one reduction (packed 21 bits apart in an int64), so 16 block-wide
-    reductions instead of 32. At batch 1 the search is latency-bound: its cost is the number of reductions."""
+    reductions instead of 32. Not faster on an H100 (24.5 vs 22.4 us at 128K, batch 1): kept as a measured
+    alternative, not the default."""
     row = tl.program_id(0).to(tl.int64)
     offs = tl.arange(0, BLOCK)
     ok = offs < n
@@ -273,7 +274,9 @@ def _top_pages_radix_kernel(scores_ptr, out_ptr, stride_s, stride_o, n, k, BLOCK
     _store_top(key, prefix, k, offs, ok, out_ptr + row * stride_o)
 
 
-TOP_PAGES_KERNEL = "bitwise"  # H100 sweep: bitwise 22 / 41 us, radix 43 / 81 us (batch 1 / 8); bitpairs not yet timed
+# H100, 128K tokens, per query head (benchmarks/RESULTS.md): bitwise 22.4 / 42.0 us, bit pairs 24.5 / 45.8 us, radix
+# 43 / 81 us at batch 1 / 8. Halving the reductions did not pay: each packed int64 pass costs more than two 32-bit ones.
+TOP_PAGES_KERNEL = "bitwise"
 
 
 def top_pages(scores: torch.Tensor, k: int, kernel: str | None = None) -> torch.Tensor:
