@@ -8,8 +8,12 @@ are exact in fp32, so only the summation order differs from the reference). One 
 one (batch, KV head) for every query head of its group, so each bound is read from memory once per decode step:
 the op's cost is reading ``2 × pages × D`` bound elements per KV head, ``2 / page_size`` of the KV cache's bytes.
 
-Limits (:func:`supports`): head_dim a power of two from 16 to 256, fp16/bf16/fp32, at most 64 query heads per
-KV head.
+With 8-bit bounds (``page_scale`` given: :func:`attnkit.kernels.page_bounds.quantize_bounds`) the tiles are loaded as
+int8, converted to the query's dtype (exact: |values| ≤ 127) for the same two dots, and each page's column of
+scores is multiplied by its scale: ``2·D + 4`` bytes per page and KV head instead of ``4·D`` in bf16.
+
+Limits (:func:`supports`): head_dim a power of two from 16 to 256, fp16/bf16/fp32 (bounds of the same dtype or int8),
+at most 64 query heads per KV head.
 
 :func:`top_pages` selects the ``k`` best pages of each row in one program per row, without sorting: it finds the
 k-th largest score by a bitwise binary search over the scores' order-preserving 32-bit keys (32 counting passes
