@@ -15,6 +15,8 @@ keys that were kept (:meth:`attnkit.method.DecodeLayer.key_padding`).
 
 from __future__ import annotations
 
+import weakref
+
 import torch
 from transformers import PreTrainedModel
 from transformers.cache_utils import DynamicCache, DynamicLayer
@@ -82,6 +84,12 @@ class SinkWindowLayer(DynamicLayer):
         raise NotImplementedError("a sink+window cache has evicted tokens and cannot be cropped")
 
 
+def page_bounds_layer_of(keys: torch.Tensor) -> PageBoundsLayer | None:
+    """The :class:`PageBoundsLayer` whose ``update`` returned ``keys`` (still alive), or None."""
+    ref = getattr(keys, "attnkit_cache_layer", None)
+    return ref() if ref is not None else None
+
+
 class PageBoundsLayer(DynamicLayer):
     """Quest's cache: keys and values, plus the element-wise min and max of every page's keys.
 
@@ -103,9 +111,10 @@ class PageBoundsLayer(DynamicLayer):
     :func:`attnkit.kernels.page_bounds.quantize_bounds`), rewritten whenever a page's bounds change; Quest then
     scores pages from it and reads about half the bytes.
 
-    The keys view carries a reference to this layer (``keys.attnkit_cache_layer``): transformers hands the attention
-    function the tensors ``update`` returned but not the cache, and this is how the decode module finds the bounds
-    that belong to exactly those keys.
+    The keys view carries a weak reference to this layer (:func:`page_bounds_layer_of` resolves it): transformers
+    hands the attention function the tensors ``update`` returned but not the cache, and this is how the decode module
+    finds the bounds that belong to exactly those keys. Weak, because the layer holds the view: a strong reference
+    would make a cycle that keeps a finished cache's GPU memory until the garbage collector runs.
     """
 
     is_sliding = False
@@ -184,7 +193,7 @@ class PageBoundsLayer(DynamicLayer):
     def _publish(self) -> None:
         self.keys = self._keys[:, :, : self.length]
         self.values = self._values[:, :, : self.length]
-        self.keys.attnkit_cache_layer = self
+        self.keys.attnkit_cache_layer = weakref.ref(self)
 
     # ----------------------------------------------------------------------------------------- page bounds
     def num_pages(self) -> int:

@@ -28,6 +28,7 @@ from pathlib import Path
 import torch
 
 import attnkit
+from attnkit.cache import page_bounds_layer_of
 from attnkit.eval.tasks import TASKS
 from attnkit.kernels.paged_decode.reference import attended_tokens
 from attnkit.sparsify.quest import QuestDecode
@@ -41,7 +42,7 @@ def _recording_attend(original):
         out = original(self, query, key, value, key_padding_mask, scale)
         if out is None or _RECORD is None:
             return out
-        cache = key.attnkit_cache_layer
+        cache = page_bounds_layer_of(key)
         b, hq, _, d = query.shape
         hkv, s = key.shape[1], key.shape[2]
         scale = d**-0.5 if scale is None else scale

@@ -2,12 +2,15 @@
 
 from __future__ import annotations
 
+import gc
+import weakref
+
 import pytest
 import torch
 
 import attnkit
 from attnkit.attention import dense_attention
-from attnkit.cache import PageBoundsLayer
+from attnkit.cache import PageBoundsLayer, page_bounds_layer_of
 from attnkit.kernels.page_bounds import quantize_bounds
 from attnkit.kernels.page_scores import reference as score_ref
 from attnkit.kernels.paged_decode import reference as attn_ref
@@ -77,7 +80,7 @@ def test_page_bounds_equal_brute_force_after_prefill_and_decode(pads, backend, i
         keys = torch.cat([keys, k], 2)
         out_k, out_v = layer.update(k, v)
         assert torch.equal(out_k, keys) and out_v.shape == out_k.shape
-        assert out_k.attnkit_cache_layer is layer
+        assert page_bounds_layer_of(out_k) is layer
         mask = torch.arange(keys.shape[2])[None, :] >= torch.tensor(pads)[:, None]
         layer.update_bounds(mask if i == 0 else None)
         lo, hi = brute_bounds(keys, pads, page)
@@ -92,6 +95,22 @@ def test_page_bounds_equal_brute_force_after_prefill_and_decode(pads, backend, i
                 assert torch.equal(layer.page_max_int8[r, :, :n], q_max), (i, r)
                 assert torch.equal(layer.page_scale[r, :, :n], scale), (i, r)
     assert layer.get_seq_length() == sum(steps)
+
+
+def test_cache_layer_is_freed_without_the_garbage_collector():
+    """The keys view refers to its layer weakly: dropping the cache frees its buffers at once (a cycle would keep
+    a finished cache's memory until the collector runs)."""
+    gc.disable()
+    try:
+        layer = PageBoundsLayer(4, int8_bounds=True)
+        keys, _ = layer.update(torch.randn(1, 2, 9, 8), torch.randn(1, 2, 9, 8))
+        layer.update_bounds()
+        alive = weakref.ref(layer)
+        assert page_bounds_layer_of(keys) is layer
+        del layer
+        assert alive() is None and page_bounds_layer_of(keys) is None
+    finally:
+        gc.enable()
 
 
 def test_cache_rejects_padding_after_real_tokens():

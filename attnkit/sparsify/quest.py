@@ -33,7 +33,7 @@ import torch
 from pydantic import Field, field_validator, model_validator
 from torch import nn
 
-from attnkit.cache import PageBoundsLayer
+from attnkit.cache import PageBoundsLayer, page_bounds_layer_of
 from attnkit.kernels.page_scores import page_scores, top_pages
 from attnkit.kernels.page_scores.reference import oracle_page_scores
 from attnkit.kernels.paged_decode import sparse_decode_attention
@@ -151,7 +151,7 @@ class QuestDecode(DecodeLayer):
     def attend(self, query, key, value, key_padding_mask, scale):
         if self.dense:
             return None
-        cache = getattr(key, "attnkit_cache_layer", None)
+        cache = page_bounds_layer_of(key)
         if not isinstance(cache, PageBoundsLayer) or cache.length != key.shape[-2] or not cache.track_bounds:
             if query.shape[-2] > 1:
                 return None
