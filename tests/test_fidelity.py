@@ -149,7 +149,7 @@ def test_keep_everything_has_full_recall(tiny):
         assert row.oracle_recall == pytest.approx(1.0, abs=1e-5)
         assert row.density == 1.0
     out = compare_logits(model, ids, 0, mask)
-    assert out["kl"] < 1e-8 and out["top1_agreement"] == 1.0
+    assert out["kl"] < 1e-6 and out["top1_agreement"] == 1.0
 
 
 def test_sparse_recall_is_below_the_oracle(tiny):
