@@ -64,6 +64,7 @@ from attnkit.kernels.linear_attention import (
     empty_state,
     fold_state,
     hedgehog_decode_step,
+    hedgehog_features,
     window_linear_attention,
 )
 from attnkit.method import Method, ReplacementLayer
@@ -235,8 +236,7 @@ class HedgehogFeatureMap(nn.Module):
         self.features = 2 * feature_dim
 
     def forward(self, x: torch.Tensor, positions: torch.Tensor | None = None) -> torch.Tensor:
-        proj = torch.einsum("bhsd,hdf->bhsf", x.float(), self.weight.float())
-        return torch.cat([torch.softmax(proj, -1), torch.softmax(-proj, -1)], -1).clamp_min(FEATURE_EPS)
+        return hedgehog_features(x, self.weight, FEATURE_EPS)  # the definition the fused decode kernel matches
 
 
 class EluFeatureMap(nn.Module):
