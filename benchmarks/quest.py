@@ -29,7 +29,13 @@ re-concatenates the whole cache every step), ``dense-buffered`` (Quest's cache w
 dense attention, but a growing buffer instead of the concatenation), ``quest`` (budget 2048, layers 0-1 dense), each
 with SDPA's default backend and with FlashAttention pinned (``-flash``: the default, cuDNN on an H100, rebuilds its
 plan at every new key length).
-The first two separate what the cache layout gives from what Quest's sparsity gives.
+The first two separate what the cache layout gives from what Quest's sparsity gives. ``quest-int8`` and
+``quest-shared-int8`` score from 8-bit bounds (the latter once per GQA group). Every variant but ``dense`` is also
+timed as a CUDA graph (``-graph``, FlashAttention pinned): one decode step captured at the context and replayed, the
+GPU time per token without Python's launch overhead, as a serving engine runs decode (eager decode of this model is
+host-bound: the profile in RESULTS.md). ``dense`` (transformers' ``DynamicCache``) is not captured: its step
+concatenates the whole cache into new tensors, a second copy of the cache inside the graph; ``dense-buffered-graph``
+(a one-slot write, as a static cache does) is the dense baseline of the graph rows.
 
 Writes ``quest-<timestamp>.json`` to ``--out`` and prints markdown tables.
 """
@@ -227,10 +233,11 @@ def sweep_point(batch: int, length: int, page: int, budget: int, dtype: torch.dt
                         rows.append({"share": share, **config, "us": us, "same": same})
         k = budget // page - 1
         for kernel in ("bitwise", "bitpairs", "radix"):
-            got = score_tri.top_pages(want, k, kernel).long().sort(-1).values
-            same = bool(torch.equal(got, want.topk(k, dim=-1).indices.sort(-1).values))
-            rows.append({"share": share, "top_pages": kernel, "same": same,
-                         "us": graph_us(partial(score_tri.top_pages, want, k, kernel), rep_ms=60)})
+            for warps in (4, 8, 16, 32):
+                got = score_tri.top_pages(want, k, kernel, warps).long().sort(-1).values
+                same = bool(torch.equal(got, want.topk(k, dim=-1).indices.sort(-1).values))
+                rows.append({"share": share, "top_pages": kernel, "warps": warps, "same": same,
+                             "us": graph_us(partial(score_tri.top_pages, want, k, kernel, warps), rep_ms=60)})
     bounds_mb = 2 * bounds[0].numel() * bounds[0].element_size() / 1e6
     for row in rows:
         if "us" in row and "top_pages" not in row:
@@ -277,6 +284,8 @@ def model_tpot(
     prefill_chunk: int = 16384,
     profile_steps: int = 0,
     batch: int = 1,
+    sdpa_backends: tuple[str, ...] = ("default", "flash"),
+    graph: bool = True,
 ) -> dict:
     from transformers import DynamicCache
 
@@ -285,19 +294,22 @@ def model_tpot(
 
     model, _ = random_model(shape, layers, dtype=torch.bfloat16 if DEVICE == "cuda" else torch.float32, device=DEVICE)
     ids = torch.randint(3, model.config.vocab_size, (batch, length), device=DEVICE)
-    big = -(-(length + 2 * (warmup + new_tokens) + profile_steps + 1) // page) * page
+    big = -(-(length + 2 * (warmup + new_tokens) + profile_steps + 3) // page) * page  # + 2: the graph timing's steps
     variants = {
         "dense": None,
         "dense-buffered": {"method": "quest", "page_size": page, "token_budget": big, "dense_layers": [0, 1]},
         "quest": {"method": "quest", "page_size": page, "token_budget": budget, "dense_layers": [0, 1]},
         "quest-int8": {"method": "quest", "page_size": page, "token_budget": budget, "dense_layers": [0, 1],
                        "bounds_dtype": "int8"},
+        "quest-shared-int8": {"method": "quest", "page_size": page, "token_budget": budget, "dense_layers": [0, 1],
+                              "bounds_dtype": "int8", "share_gqa_group": True},
     }
     # SDPA's backend matters at decode: on an H100 with torch 2.11, the default picks cuDNN, which rebuilds its
     # execution plan whenever the key length changes, i.e. at every decode step (~5 ms of host time per call, seen
     # in this benchmark's profile); "-flash" variants pin FlashAttention (memory-efficient as fallback), what a
     # serving engine would run. Both are timed on the same cache, one after the other.
     backends = {"": None, "-flash": [SDPBackend.FLASH_ATTENTION, SDPBackend.EFFICIENT_ATTENTION]}
+    backends = {suffix: b for suffix, b in backends.items() if (suffix or "-default").lstrip("-") in sdpa_backends}
     out: dict = {"layers": layers, "length": length, "batch": batch, "token_budget": budget, "page_size": page}
     for name, step in variants.items():
         if step is not None:
@@ -316,18 +328,57 @@ def model_tpot(
                 if profile_steps and (suffix or name == "dense"):
                     token = _profile_decode(model, cache, token, profile_steps, key, out)
             print(f"  {key}: {out[f'{key}_ms_per_token']:.2f} ms/token", flush=True)
+        # The same step replayed from a CUDA graph, FlashAttention pinned. Not for transformers' DynamicCache
+        # ("dense"): its step concatenates the whole cache into new tensors, which a graph would hold as a second
+        # copy of the cache; "dense-buffered" is the dense baseline here (the one-slot write a static cache does).
+        if graph and step is not None and DEVICE == "cuda":
+            key = f"{name}-graph"
+            try:
+                with sdpa_kernel([SDPBackend.FLASH_ATTENTION, SDPBackend.EFFICIENT_ATTENTION]):
+                    out[f"{key}_ms_per_token"] = _time_decode_graph(model, cache, token)
+                print(f"  {key}: {out[f'{key}_ms_per_token']:.2f} ms/token", flush=True)
+            except Exception as e:  # a host sync in the step makes capture fail: reported, not fatal
+                out[f"{key}_error"] = f"{type(e).__name__}: {str(e)[:300]}"
+                print(f"  {key}: capture failed: {out[f'{key}_error']}", flush=True)
+                torch.cuda.synchronize()
         if step is not None:
             attnkit.unpatch(model)
         del cache, logits
         gc.collect()  # free the finished variant's cache now (a 128K cache is ~16 GiB; 62a4042 went out of memory)
         if DEVICE == "cuda":
             torch.cuda.empty_cache()
-    best_dense = min(out["dense_ms_per_token"], out["dense-flash_ms_per_token"])
-    out["speedup_quest_vs_dense"] = out["dense_ms_per_token"] / out["quest_ms_per_token"]
-    out["speedup_quest_flash_vs_dense_flash"] = out["dense-flash_ms_per_token"] / out["quest-flash_ms_per_token"]
-    out["speedup_best_quest_vs_best_dense"] = best_dense / min(out["quest_ms_per_token"], out["quest-flash_ms_per_token"])
-    out["speedup_quest_vs_dense_buffered"] = out["dense-buffered-flash_ms_per_token"] / out["quest-flash_ms_per_token"]
+    def ratio(name, base):
+        if name != base and f"{base}_ms_per_token" in out and f"{name}_ms_per_token" in out:
+            out[f"speedup_{name}_vs_{base}"] = out[f"{base}_ms_per_token"] / out[f"{name}_ms_per_token"]
+
+    for suffix in backends:
+        for name in variants:
+            if name != "dense":
+                ratio(name + suffix, "dense" + suffix)
+                ratio(name + suffix, "dense-buffered" + suffix)
+    for name in variants:
+        if name not in ("dense", "dense-buffered"):
+            ratio(f"{name}-graph", "dense-buffered-graph")
     return out
+
+
+def _time_decode_graph(model, cache, token, rep_ms: float = 500) -> float:
+    """Median ms of one decode step replayed from a CUDA graph: the step's GPU time without Python and launch
+    overhead, how serving engines run decode. The step is captured once at the current context; every replay redoes
+    that step (the same token written to the same cache slot, its page's bounds folded again), so the context stays
+    put while timing: the time per output token at this context. ``token``: [B, 1]."""
+    static = token.clone()
+    stream = torch.cuda.Stream()
+    stream.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(stream):  # capture needs one run on a side stream first (lazy inits, autotuning)
+        model(input_ids=static, past_key_values=cache, use_cache=True)
+    torch.cuda.current_stream().wait_stream(stream)
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        model(input_ids=static, past_key_values=cache, use_cache=True)
+    ms = bench_ms(graph.replay, warmup_ms=50, rep_ms=rep_ms)
+    del graph
+    return ms
 
 
 def _time_decode(model, cache, token, warmup: int, new_tokens: int):
@@ -454,14 +505,23 @@ def markdown(result: dict) -> str:
     if m:
         lines += [
             "",
-            f"random-weight Llama-3-8B shape, {m['layers']} layers, batch {m['batch']}, {m['length'] // 1024}K context, ms/token "
-            "(SDPA default backend / FlashAttention pinned):",
-            f"dense {m['dense_ms_per_token']:.2f} / {m['dense-flash_ms_per_token']:.2f}; dense on Quest's buffered cache "
-            f"{m['dense-buffered_ms_per_token']:.2f} / {m['dense-buffered-flash_ms_per_token']:.2f}; quest "
-            f"{m['quest_ms_per_token']:.2f} / {m['quest-flash_ms_per_token']:.2f}; quest vs dense ×"
-            f"{m['speedup_quest_vs_dense']:.2f} / ×{m['speedup_quest_flash_vs_dense_flash']:.2f}, best vs best ×"
-            f"{m['speedup_best_quest_vs_best_dense']:.2f}",
+            f"random-weight Llama-3-8B shape, {m['layers']} layers, batch {m['batch']}, {m['length'] // 1024}K context, "
+            "ms per output token (eager: SDPA default backend / FlashAttention pinned; CUDA graph: FlashAttention, the "
+            "step replayed at this context); × = dense on the same buffered cache ÷ this row, same column",
+            "",
+            "| variant | eager, default | eager, flash | × (flash) | CUDA graph | × (graph) |",
+            "|---|---|---|---|---|---|",
         ]
+
+        def ms(key):
+            return f"{m[key]:.2f}" if key in m else "–"
+
+        for name in ("dense", "dense-buffered", "quest", "quest-int8", "quest-shared-int8"):
+            lines.append(
+                f"| {name} | {ms(name + '_ms_per_token')} | {ms(name + '-flash_ms_per_token')} | "
+                f"{ms(f'speedup_{name}-flash_vs_dense-buffered-flash')} | {ms(name + '-graph_ms_per_token')} | "
+                f"{ms(f'speedup_{name}-graph_vs_dense-buffered-graph')} |"
+            )
     return "\n".join(lines)
 
 
@@ -475,6 +535,9 @@ def main(argv: list[str] | None = None) -> dict:
     ap.add_argument("--model-length", default="128k")
     ap.add_argument("--model-batch", type=int, default=1, help="rows of the TPOT model's batch")
     ap.add_argument("--new-tokens", type=int, default=32)
+    ap.add_argument("--sdpa-backends", default="default,flash", help="SDPA backends of the eager TPOT timings: "
+                    "default (cuDNN on an H100) and/or flash (FlashAttention pinned)")
+    ap.add_argument("--no-graph", action="store_true", help="skip the CUDA-graph TPOT timings")
     ap.add_argument("--prefill-chunk", type=int, default=16384, help="tokens per prefill forward of the TPOT model")
     ap.add_argument("--no-model", action="store_true", help="skip part 2 (time per output token)")
     ap.add_argument("--out", default="runs/bench")
@@ -515,7 +578,8 @@ def main(argv: list[str] | None = None) -> dict:
         print(f"model: llama3-8b x{args.model_layers} layers at {args.model_length}", flush=True)
         result["model"] = model_tpot(args.model_layers, parse_length(args.model_length), args.token_budget,
                                      args.page_size, args.new_tokens, warmup=4, prefill_chunk=args.prefill_chunk,
-                                     profile_steps=args.profile_steps, batch=args.model_batch)
+                                     profile_steps=args.profile_steps, batch=args.model_batch,
+                                     sdpa_backends=tuple(args.sdpa_backends.split(",")), graph=not args.no_graph)
         out.write_text(json.dumps(result, indent=1))
     if result["points"] or result.get("model"):
         print(markdown(result))

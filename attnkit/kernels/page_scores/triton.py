@@ -283,10 +283,11 @@ def _top_pages_radix_kernel(scores_ptr, out_ptr, stride_s, stride_o, n, k, BLOCK
 TOP_PAGES_KERNEL = "bitwise"
 
 
-def top_pages(scores: torch.Tensor, k: int, kernel: str | None = None) -> torch.Tensor:
+def top_pages(scores: torch.Tensor, k: int, kernel: str | None = None, num_warps: int | None = None) -> torch.Tensor:
     """See :func:`attnkit.kernels.page_scores.reference.top_pages`; returns int32 indices in increasing order.
     ``kernel``: "bitwise", "bitpairs" or "radix" (default :data:`TOP_PAGES_KERNEL`), three searches for the same
-    k-th score (a bit, two bits or a byte of it per pass)."""
+    k-th score (a bit, two bits or a byte of it per pass); ``num_warps``: the launch's warps (default: 16 for rows
+    longer than 4096 pages, else 8; ``benchmarks/quest.py --sweep`` times the alternatives)."""
     pages = scores.shape[-1]
     if not 0 <= k <= pages:
         raise ValueError(f"k must be in [0, {pages}], got {k}")
@@ -305,6 +306,7 @@ def top_pages(scores: torch.Tensor, k: int, kernel: str | None = None) -> torch.
         raise ValueError(f"top_pages kernel must be one of {sorted(kernels)}, got {kernel!r}")
     fn = kernels[kernel]
     fn[(flat.shape[0],)](
-        flat, out, flat.stride(0), out.stride(0), pages, k, BLOCK=block, num_warps=16 if block > 4096 else 8,
+        flat, out, flat.stride(0), out.stride(0), pages, k, BLOCK=block,
+        num_warps=num_warps or (16 if block > 4096 else 8),
     )
     return out.view(*scores.shape[:-1], k)
