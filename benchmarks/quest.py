@@ -187,7 +187,7 @@ def _bench_quest(
     if DEVICE == "cuda":
         from attnkit.kernels.page_scores import triton as score_tri
 
-        for kernel in ("bitwise", "bitpairs", "radix"):
+        for kernel in ("bitwise", "bitpairs", "radix", "bounded"):
             entry[f"top_pages_{kernel}_graph_us"] = graph_us(partial(score_tri.top_pages, scores, budget // page - 1, kernel))
         entry["topk_graph_us"] = graph_us(lambda: scores.topk(budget // page - 1, dim=-1, sorted=False))
     kv_bytes = 2 * batch * HKV * length * D * key.element_size()
@@ -203,8 +203,8 @@ def _bench_quest(
     return entry
 
 
-def sweep_point(batch: int, length: int, page: int, budget: int, dtype: torch.dtype) -> dict:
-    """Score-kernel launch settings and the three top-page searches, timed from CUDA graphs at one shape (after a
+def sweep_point(batch: int, length: int, page: int, budget: int, dtype: torch.dtype, scores: bool = True) -> dict:
+    """Score-kernel launch settings and the four top-page searches, timed from CUDA graphs at one shape (after a
     check that each setting's scores equal the default's)."""
     from attnkit.kernels.page_scores import triton as score_tri
 
@@ -216,7 +216,7 @@ def sweep_point(batch: int, length: int, page: int, budget: int, dtype: torch.dt
     rows = []
     for share in (False, True):
         want = score_tri.page_scores(query, *bounds, valid, share)
-        for block_p in (32, 64):
+        for block_p in (32, 64) if scores else ():
             for warps in (4, 8):
                 for stages in (1, 2, 3, 4):
                     for waves in (0, 2, 4, 8):
@@ -232,7 +232,7 @@ def sweep_point(batch: int, length: int, page: int, budget: int, dtype: torch.dt
                             continue
                         rows.append({"share": share, **config, "us": us, "same": same})
         k = budget // page - 1
-        for kernel in ("bitwise", "bitpairs", "radix"):
+        for kernel in ("bitwise", "bitpairs", "radix", "bounded"):
             for warps in (4, 8, 16, 32):
                 got = score_tri.top_pages(want, k, kernel, warps).long().sort(-1).values
                 same = bool(torch.equal(got, want.topk(k, dim=-1).indices.sort(-1).values))
@@ -242,8 +242,8 @@ def sweep_point(batch: int, length: int, page: int, budget: int, dtype: torch.dt
     for row in rows:
         if "us" in row and "top_pages" not in row:
             row["tb_per_s"] = bounds_mb / row["us"]  # MB / µs
-    best = {share: min((r for r in rows if r["share"] == share and "block_p" in r and "us" in r), key=lambda r: r["us"])
-            for share in (False, True)}
+    best = {share: min((r for r in rows if r["share"] == share and "block_p" in r and "us" in r), key=lambda r: r["us"],
+                       default=None) for share in (False, True)}
     return {"batch": batch, "length": length, "bounds_mb": bounds_mb, "rows": rows,
             "best_per_head": best[False], "best_shared": best[True]}
 
@@ -542,7 +542,8 @@ def main(argv: list[str] | None = None) -> dict:
     ap.add_argument("--no-model", action="store_true", help="skip part 2 (time per output token)")
     ap.add_argument("--out", default="runs/bench")
     ap.add_argument("--sweep", action="store_true", help="part 1 becomes a sweep of the score kernel's launch "
-                    "settings and the two top-page kernels (CUDA-graph times) at each --lengths x --batches point")
+                    "settings and the top-page kernels (CUDA-graph times) at each --lengths x --batches point")
+    ap.add_argument("--sweep-top-pages", action="store_true", help="the sweep's top-page rows only")
     ap.add_argument("--profile-steps", type=int, default=0, help="also profile this many decode steps of each TPOT "
                     "variant (torch.profiler: top device kernels and host ops)")
     ap.add_argument("--kernel-report", action="store_true", help="only compile the kernels for sm_90 and print their "
@@ -563,8 +564,9 @@ def main(argv: list[str] | None = None) -> dict:
     out.parent.mkdir(parents=True, exist_ok=True)
     for batch in (int(b) for b in args.batches.split(",") if args.lengths):  # --lengths "": only part 2
         for length in (parse_length(x) for x in args.lengths.split(",")):
-            if args.sweep:
-                point = sweep_point(batch, length, args.page_size, args.token_budget, torch.bfloat16)
+            if args.sweep or args.sweep_top_pages:
+                point = sweep_point(batch, length, args.page_size, args.token_budget, torch.bfloat16,
+                                    scores=not args.sweep_top_pages)
                 result.setdefault("sweep", []).append(point)
                 for r in sorted(point["rows"], key=lambda r: (r["share"], "top_pages" in r, r.get("us", 1e9))):
                     print(json.dumps(r), flush=True)

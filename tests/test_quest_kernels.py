@@ -167,7 +167,7 @@ def test_gpu_llama3_shape(batch, length, share, nan_empty):
 
 @pytest.mark.parametrize(("rows", "pages", "k"), [(3, 37, 5), (2, 129, 1), (4, 1000, 127), (1, 70, 69), (2, 16, 0)],
                          ids=lambda v: str(v))
-@pytest.mark.parametrize("kernel", ["bitwise", "bitpairs", "radix"])
+@pytest.mark.parametrize("kernel", ["bitwise", "bitpairs", "radix", "bounded"])
 def test_top_pages_triton_matches_reference(rows, pages, k, kernel, nan_empty):
     g = torch.Generator().manual_seed(pages + k)
     scores = torch.randn(rows, pages, generator=g)
@@ -180,7 +180,7 @@ def test_top_pages_triton_matches_reference(rows, pages, k, kernel, nan_empty):
     assert torch.equal(got.long().sort(-1).values, want.sort(-1).values)
 
 
-@pytest.mark.parametrize("kernel", ["bitwise", "bitpairs", "radix"])
+@pytest.mark.parametrize("kernel", ["bitwise", "bitpairs", "radix", "bounded"])
 def test_top_pages_with_ties_takes_exactly_k(kernel):
     scores = torch.tensor([[1.0, 2.0, 2.0, 2.0, 0.0, -1.0, 2.0], [float("-inf")] * 6 + [0.5]], device=DEVICE)
     got = score_tri.top_pages(scores, 5, kernel)
@@ -190,7 +190,7 @@ def test_top_pages_with_ties_takes_exactly_k(kernel):
     assert score_tri.top_pages(scores[:, :3], 3, kernel).shape == (2, 3)
 
 
-@pytest.mark.parametrize("kernel", ["bitpairs", "radix"])
+@pytest.mark.parametrize("kernel", ["bitpairs", "radix", "bounded"])
 def test_top_pages_keys_differing_only_in_low_bytes(kernel):
     """Scores whose order is decided in the last byte of their keys: every pass must narrow correctly."""
     base = torch.tensor(1.0).view(torch.int32).item()
@@ -199,6 +199,30 @@ def test_top_pages_keys_differing_only_in_low_bytes(kernel):
     for k in (1, 7, 150, 299):
         got = score_tri.top_pages(scores, k, kernel).long().sort(-1).values
         assert torch.equal(scores[0, got[0]].sort().values, scores[0].topk(k).values.sort().values)
+
+
+@pytest.mark.parametrize("kind", ["ties", "wide", "narrow", "padded"])
+def test_top_pages_bounded_search_matches_reference(kind, nan_empty):
+    """The bounded search starts below the bits its bounds share and stops once exactly k keys remain: rows whose
+    k-th key is tied (no early stop), spans many binades (few shared bits), sits in a narrow band (many), or is
+    -inf (pages past a row's end) must all select what torch.topk selects."""
+    g = torch.Generator().manual_seed(11)
+    rows, pages = 6, 301
+    if kind == "ties":
+        scores = torch.randint(-3, 4, (rows, pages), generator=g).float()
+    elif kind == "wide":
+        scores = torch.randn(rows, pages, generator=g) * torch.logspace(-6, 6, pages)[torch.randperm(pages, generator=g)]
+    elif kind == "narrow":
+        scores = 100.0 + 1e-4 * torch.randn(rows, pages, generator=g)
+    else:
+        scores = torch.randn(rows, pages, generator=g)
+        scores[:, 40:] = float("-inf")
+    scores = scores.to(DEVICE)
+    for k in (1, 17, 64, 100, 300):
+        got = score_tri.top_pages(scores, k, "bounded").long()
+        assert got.shape == (rows, k) and all(len(set(r)) == k for r in got.tolist())
+        # Ties may resolve to other pages than torch.topk's: compare the selected values.
+        assert torch.equal(scores.gather(1, got).sort(-1).values, scores.topk(k, dim=-1).values.sort(-1).values)
 
 
 @pytest.mark.parametrize("config", [

@@ -278,6 +278,38 @@ def _top_pages_radix_kernel(scores_ptr, out_ptr, stride_s, stride_o, n, k, BLOCK
     _store_top(key, prefix, k, offs, ok, out_ptr + row * stride_o)
 
 
+@triton.jit
+def _top_pages_bounded_kernel(scores_ptr, out_ptr, stride_s, stride_o, n, k, BLOCK: tl.constexpr, GROUPS: tl.constexpr):
+    """The bitwise search of ``_top_pages_kernel``, shortened at both ends.
+
+    Start: the k-th largest key lies between ``lo``, the smallest of the maxima of ``GROUPS ≥ k`` disjoint groups
+    of keys (each maximum is a distinct key, so at least k keys are ≥ lo), and ``hi``, the largest key; the bits
+    above the highest bit where lo and hi differ are the k-th key's too, so the search starts below them (the sign
+    and most exponent bits of float scores). Stop: as soon as exactly k keys are at or above the threshold, those
+    are the top k, whatever the lower bits (the k-th and (k+1)-th keys are told apart long before bit 0 unless
+    they are close). Two extra reductions buy the skipped passes."""
+    row = tl.program_id(0).to(tl.int64)
+    offs = tl.arange(0, BLOCK)
+    ok = offs < n
+    key = _order_keys(tl.load(scores_ptr + row * stride_s + offs, mask=ok, other=float("-inf")), ok)
+    hi = tl.max(key, axis=0)
+    lo = tl.min(tl.max(tl.reshape(key, (GROUPS, BLOCK // GROUPS)), axis=1), axis=0)
+    diff = lo ^ hi
+    start = tl.full([], -1, tl.int32)  # the highest bit where lo and hi differ (-1: lo == hi == the k-th key)
+    for b in tl.static_range(0, 32):
+        start = tl.where(((diff >> b) & 1) != 0, b, start)
+    # hi with bits start..0 cleared (2 << 31 wraps to 0 in uint32: no common bits, threshold 0)
+    low_bits = (tl.full([], 2, tl.uint32) << tl.maximum(start, 0).to(tl.uint32)) - 1
+    threshold = tl.where(start < 0, hi, hi & ~low_bits)
+    bit = start
+    while bit >= 0:
+        candidate = threshold | (tl.full([], 1, tl.uint32) << bit.to(tl.uint32))
+        count = tl.sum((key >= candidate).to(tl.int32), axis=0)
+        threshold = tl.where(count >= k, candidate, threshold)
+        bit = tl.where(count == k, -1, bit - 1)  # exactly k keys at or above: they are the top k
+    _store_top(key, threshold, k, offs, ok, out_ptr + row * stride_o)
+
+
 # H100, 128K tokens, per query head (benchmarks/RESULTS.md): bitwise 22.4 / 42.0 us, bit pairs 24.5 / 45.8 us, radix
 # 43 / 81 us at batch 1 / 8. Halving the reductions did not pay: each packed int64 pass costs more than two 32-bit ones.
 TOP_PAGES_KERNEL = "bitwise"
@@ -285,8 +317,8 @@ TOP_PAGES_KERNEL = "bitwise"
 
 def top_pages(scores: torch.Tensor, k: int, kernel: str | None = None, num_warps: int | None = None) -> torch.Tensor:
     """See :func:`attnkit.kernels.page_scores.reference.top_pages`; returns int32 indices in increasing order.
-    ``kernel``: "bitwise", "bitpairs" or "radix" (default :data:`TOP_PAGES_KERNEL`), three searches for the same
-    k-th score (a bit, two bits or a byte of it per pass); ``num_warps``: the launch's warps (default: 16 for rows
+    ``kernel``: "bitwise", "bitpairs", "radix" or "bounded" (default :data:`TOP_PAGES_KERNEL`), four searches for
+    the same k-th score (a bit, two bits or a byte of it per pass; bit by bit between bounds, stopping early); ``num_warps``: the launch's warps (default: 16 for rows
     longer than 4096 pages, else 8; ``benchmarks/quest.py --sweep`` times the alternatives)."""
     pages = scores.shape[-1]
     if not 0 <= k <= pages:
@@ -301,12 +333,13 @@ def top_pages(scores: torch.Tensor, k: int, kernel: str | None = None, num_warps
         return out.view(*scores.shape[:-1], k)
     block = max(16, triton.next_power_of_2(pages))
     kernel = kernel or TOP_PAGES_KERNEL
-    kernels = {"bitwise": _top_pages_kernel, "bitpairs": _top_pages_bitpairs_kernel, "radix": _top_pages_radix_kernel}
+    kernels = {"bitwise": _top_pages_kernel, "bitpairs": _top_pages_bitpairs_kernel, "radix": _top_pages_radix_kernel,
+               "bounded": _top_pages_bounded_kernel}
     if kernel not in kernels:
         raise ValueError(f"top_pages kernel must be one of {sorted(kernels)}, got {kernel!r}")
-    fn = kernels[kernel]
-    fn[(flat.shape[0],)](
+    extra = {"GROUPS": triton.next_power_of_2(k)} if kernel == "bounded" else {}  # k <= pages, so GROUPS <= BLOCK
+    kernels[kernel][(flat.shape[0],)](
         flat, out, flat.stride(0), out.stride(0), pages, k, BLOCK=block,
-        num_warps=num_warps or (16 if block > 4096 else 8),
+        num_warps=num_warps or (16 if block > 4096 else 8), **extra,
     )
     return out.view(*scores.shape[:-1], k)
