@@ -16,9 +16,11 @@ Limits (:func:`supports`): head_dim a power of two from 16 to 256, fp16/bf16/fp3
 at most 64 query heads per KV head.
 
 :func:`top_pages` selects the ``k`` best pages of each row in one program per row, without sorting: it finds the
-k-th largest score by a bitwise binary search over the scores' order-preserving 32-bit keys (32 counting passes
-over the row, held in registers), then writes the indices of the scores above it, and of as many as needed equal
-to it, in index order (two prefix sums). One launch, no sort, rows of up to 16384 pages (256K tokens at page 16).
+k-th largest score by a bitwise binary search over the scores' order-preserving 32-bit keys (counting passes over
+the row, held in registers; the default "bounded" search skips the high bits that bounds on the k-th key decide and
+stops once exactly k keys are left), then writes the indices of the scores above it, and
+of as many as needed equal to it, in index order (two prefix sums). One launch, no sort, rows of up to 16384 pages
+(256K tokens at page 16).
 """
 
 from __future__ import annotations
@@ -310,9 +312,11 @@ def _top_pages_bounded_kernel(scores_ptr, out_ptr, stride_s, stride_o, n, k, BLO
     _store_top(key, threshold, k, offs, ok, out_ptr + row * stride_o)
 
 
-# H100, 128K tokens, per query head (benchmarks/RESULTS.md): bitwise 22.4 / 42.0 us, bit pairs 24.5 / 45.8 us, radix
-# 43 / 81 us at batch 1 / 8. Halving the reductions did not pay: each packed int64 pass costs more than two 32-bit ones.
-TOP_PAGES_KERNEL = "bitwise"
+# H100, 128K tokens (8192 pages, k 127), per query head, CUDA graph (benchmarks/RESULTS.md, 2026-12-06): bounded
+# 17.1 / 25.0 us at batch 1 / 8 (8 warps, the best of 4-32 at 2K and 8K pages), bitwise 22.1 / 32.3 (8 warps; 16: 22.6 /
+# 41.9), bit pairs 24.5 / 45.6, radix 42 / 79. Halving the reductions did not pay (each packed int64 pass costs more
+# than two 32-bit ones); skipping the passes the bounds decide, and those after exactly k keys remain, did.
+TOP_PAGES_KERNEL = "bounded"
 
 
 def top_pages(scores: torch.Tensor, k: int, kernel: str | None = None, num_warps: int | None = None) -> torch.Tensor:
@@ -340,6 +344,6 @@ def top_pages(scores: torch.Tensor, k: int, kernel: str | None = None, num_warps
     extra = {"GROUPS": triton.next_power_of_2(k)} if kernel == "bounded" else {}  # k <= pages, so GROUPS <= BLOCK
     kernels[kernel][(flat.shape[0],)](
         flat, out, flat.stride(0), out.stride(0), pages, k, BLOCK=block,
-        num_warps=num_warps or (16 if block > 4096 else 8), **extra,
+        num_warps=num_warps or (8 if kernel == "bounded" or block <= 4096 else 16), **extra,
     )
     return out.view(*scores.shape[:-1], k)
