@@ -126,7 +126,7 @@ case "$stage" in
     ;;
   quest-qwen)
     python3 -m benchmarks.quality --model "$QWEN" --dtype bfloat16 \
-      --recipes "${RECIPES:-quest:token_budget=1024,quest:token_budget=2048}" \
+      --recipes "${RECIPES:-quest:token_budget=1024,quest:token_budget=2048,quest:token_budget=2048:share_gqa_group=true:bounds_dtype=int8,quest:token_budget=1024:page_size=8:sink_pages=1}" \
       --lengths 16384,32768 --fidelity-lengths 16384 --tasks passkey,niah_single --samples 10 \
       --out "$OUT/quality-qwen-quest${TAG:+-$TAG}.json" 2>&1 | grep -v "it/s\]" | tail -40
     ;;
