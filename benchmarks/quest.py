@@ -413,8 +413,8 @@ def _profile_decode(model, cache, token, steps: int, key: str, out: dict):
             torch.cuda.synchronize()
     table = prof.key_averages()
     sort = "cuda_time_total" if DEVICE == "cuda" else "cpu_time_total"
-    out[f"{key}_profile_device"] = table.table(sort_by=sort, row_limit=14)
-    out[f"{key}_profile_host"] = table.table(sort_by="self_cpu_time_total", row_limit=14)
+    out[f"{key}_profile_device"] = table.table(sort_by=sort, row_limit=40)
+    out[f"{key}_profile_host"] = table.table(sort_by="self_cpu_time_total", row_limit=40)
     print(f"--- {key}: {steps} decode steps, by device time\n{out[f'{key}_profile_device']}")
     print(f"--- {key}: by host (self CPU) time\n{out[f'{key}_profile_host']}", flush=True)
     return token
