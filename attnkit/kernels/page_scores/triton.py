@@ -18,9 +18,9 @@ at most 64 query heads per KV head.
 :func:`top_pages` selects the ``k`` best pages of each row in one program per row, without sorting: it finds the
 k-th largest score by a bitwise binary search over the scores' order-preserving 32-bit keys (counting passes over
 the row, held in registers; the default "bounded" search skips the high bits that bounds on the k-th key decide and
-stops once exactly k keys are left), then writes the indices of the scores above it, and
-of as many as needed equal to it, in index order (two prefix sums). One launch, no sort, rows of up to 16384 pages
-(256K tokens at page 16).
+stops once exactly k keys are left), then writes the indices of the scores above it, and of as many as needed
+equal to it, in index order (two prefix sums). One launch, no sort, rows of up to 16384 pages (256K tokens at
+page 16).
 """
 
 from __future__ import annotations
@@ -322,8 +322,9 @@ TOP_PAGES_KERNEL = "bounded"
 def top_pages(scores: torch.Tensor, k: int, kernel: str | None = None, num_warps: int | None = None) -> torch.Tensor:
     """See :func:`attnkit.kernels.page_scores.reference.top_pages`; returns int32 indices in increasing order.
     ``kernel``: "bitwise", "bitpairs", "radix" or "bounded" (default :data:`TOP_PAGES_KERNEL`), four searches for
-    the same k-th score (a bit, two bits or a byte of it per pass; bit by bit between bounds, stopping early); ``num_warps``: the launch's warps (default: 16 for rows
-    longer than 4096 pages, else 8; ``benchmarks/quest.py --sweep`` times the alternatives)."""
+    the same k-th score (a bit, two bits or a byte of it per pass; bit by bit between bounds, stopping early).
+    ``num_warps``: the launch's warps (default 8; 16 for the other searches on rows longer than 4096 pages;
+    ``benchmarks/quest.py --sweep-top-pages`` times the alternatives)."""
     pages = scores.shape[-1]
     if not 0 <= k <= pages:
         raise ValueError(f"k must be in [0, {pages}], got {k}")
