@@ -122,6 +122,30 @@ def test_sparse_decode_triton_matches_reference(case, dtype, share, splits, nan_
     torch.testing.assert_close(got.float(), want.float(), rtol=tol, atol=tol)
 
 
+@pytest.mark.parametrize("share", [False, True], ids=["per-head", "shared"])
+def test_sparse_decode_with_device_seq_len_reads_only_filled_slots(share, nan_empty):
+    """A fixed-capacity cache (CUDA-graph decode): keys/values span the whole capacity, NaN past the filled slots,
+    and ``seq_len`` (a device tensor) says how many are filled: the same output as the filled slots alone, where the
+    last page is partial and listed pages past it (fillers a top-k over the capacity returns) are ignored."""
+    g = torch.Generator().manual_seed(7)
+    b, hq, hkv, d, page, cap, filled = 2, 6, 2, 32, 4, 40, 27
+    pad = torch.tensor([0, 5])
+    q = torch.randn(b, hq, d, generator=g)
+    key = torch.full((b, hkv, cap, d), float("nan"))
+    value = torch.full((b, hkv, cap, d), float("nan"))
+    key[:, :, :filled] = torch.randn(b, hkv, filled, d, generator=g)
+    value[:, :, :filled] = torch.randn(b, hkv, filled, d, generator=g)
+    heads = hkv if share else hq
+    pages = torch.stack([torch.randperm(cap // page, generator=g)[:4] for _ in range(b * heads)]).view(b, heads, 4)
+    q, key, value, pages, pad = (t.to(DEVICE) for t in (q, key, value, pages, pad))
+    n = torch.tensor([filled], dtype=torch.int32, device=DEVICE)
+    want = attn_ref.sparse_decode_attention(q, key[:, :, :filled], value[:, :, :filled], pages, page, pad, 0.3)
+    for mod in (attn_ref, attn_tri):
+        got = mod.sparse_decode_attention(q, key, value, pages, page, pad, 0.3, seq_len=n)
+        assert not got.isnan().any()
+        torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-5)
+
+
 def test_sparse_decode_reference_is_softmax_over_chosen_tokens():
     """Row with padding 3, pages of 4: the attended slots are exactly pad + page·4 + t of the listed and last pages."""
     g = torch.Generator().manual_seed(1)
@@ -277,8 +301,9 @@ def test_quantize_bounds_rounds_outward_by_at_most_one_step():
     assert (q_min16.double() * scale16.double()[..., None] <= lo.bfloat16().double()).all()
 
 
+@pytest.mark.parametrize("length_on_device", [False, True], ids=["host-length", "device-length"])
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=["fp32", "bf16"])
-def test_fold_last_token_int8_triton_matches_reference(dtype):
+def test_fold_last_token_int8_triton_matches_reference(dtype, length_on_device):
     """Decode tokens folded into the bounds and their 8-bit copy (pages opened and tightened, padded rows), NaN /
     −128 poisoned copies: Triton equals the reference (the GPU's division may round a quotient on the other side of
     an integer: then the value may differ by one step, and must still bound)."""
@@ -301,7 +326,8 @@ def test_fold_last_token_int8_triton_matches_reference(dtype):
                         chunk = keys[r, :, int(pad[r]) + j * page : min(int(pad[r]) + (j + 1) * page, length - 1)]
                         lo[r, :, j], hi[r, :, j] = chunk.amin(1), chunk.amax(1)
                         q[0][r, :, j], q[1][r, :, j], q[2][r, :, j] = bounds_ref.quantize_bounds(lo[r, :, j], hi[r, :, j])
-            mod.fold_last_token(keys, lo, hi, last, length, pad, page, q)
+            n = torch.tensor([length], dtype=torch.int32, device=DEVICE) if length_on_device else length
+            mod.fold_last_token(keys, lo, hi, last, n, pad, page, q)
         state[name] = (lo, hi, *q, last)
     ref, tri = state["ref"], state["tri"]
     for r in range(b):

@@ -28,7 +28,7 @@ def fold_last_token(
     page_min: torch.Tensor,
     page_max: torch.Tensor,
     last_page: torch.Tensor,
-    length: int,
+    length: int | torch.Tensor,
     pad: torch.Tensor,
     page_size: int,
     int8_bounds: tuple[torch.Tensor, torch.Tensor, torch.Tensor] | None = None,

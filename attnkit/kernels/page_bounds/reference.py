@@ -44,7 +44,7 @@ def fold_last_token(
     page_min: torch.Tensor,
     page_max: torch.Tensor,
     last_page: torch.Tensor,
-    length: int,
+    length: int | torch.Tensor,
     pad: torch.Tensor,
     page_size: int,
     int8_bounds: tuple[torch.Tensor, torch.Tensor, torch.Tensor] | None = None,
@@ -55,12 +55,16 @@ def fold_last_token(
         keys: ``[B, H, capacity, D]``, the cache's key buffer (slots ``< length`` hold keys).
         page_min, page_max: ``[B, H, pages, D]`` bounds, updated in place.
         last_page: ``[B]`` int32, set to the index of each row's last page (the token's page).
-        length: slots stored, the new token included.
+        length: slots stored, the new token included: an int, or a one-element integer tensor on the keys' device
+            (a cache whose decode steps are replayed from a CUDA graph keeps its length there; this reference
+            reads it back, the Triton kernel loads it).
         pad: ``[B]`` int32 leading padding slots per row.
         page_size: tokens per page.
         int8_bounds: ``(min int8 [B, H, pages, D], max int8, scale float32 [B, H, pages])`` or None: the 8-bit
             copy of the bounds (:func:`quantize_bounds`), rewritten for the updated page.
     """
+    if isinstance(length, torch.Tensor):
+        length = int(length.reshape(-1)[0])
     rows = torch.arange(keys.shape[0], device=keys.device)
     real = length - 1 - pad.long()
     page = real // page_size

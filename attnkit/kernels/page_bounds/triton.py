@@ -15,7 +15,7 @@ from attnkit.kernels.page_bounds.reference import INT8_LIMIT, OUTWARD, SCALE_FAC
 
 @triton.jit
 def _fold_kernel(
-    k_ptr, min_ptr, max_ptr, last_ptr, pad_ptr, qmin_ptr, qmax_ptr, scale_ptr,
+    k_ptr, min_ptr, max_ptr, last_ptr, pad_ptr, qmin_ptr, qmax_ptr, scale_ptr, length_ptr,
     stride_kb, stride_kh, stride_ks,
     stride_bb, stride_bh, stride_bp,
     stride_qb, stride_qh, stride_qp,
@@ -23,10 +23,13 @@ def _fold_kernel(
     num_heads, length,
     PAGE: tl.constexpr, D: tl.constexpr, BLOCK_D: tl.constexpr, INT8: tl.constexpr,
     SCALE_FACTOR: tl.constexpr, OUTWARD: tl.constexpr, TINY: tl.constexpr, LIMIT: tl.constexpr,
+    LENGTH_FROM_PTR: tl.constexpr,
 ):
     pid = tl.program_id(0)
     b = pid // num_heads
     h = pid % num_heads
+    if LENGTH_FROM_PTR:  # the cache's length lives on the device (a decode step replayed from a CUDA graph)
+        length = tl.load(length_ptr).to(tl.int32)
     offs = tl.arange(0, BLOCK_D)
     d_ok = offs < D
     real = length - 1 - tl.load(pad_ptr + b)
@@ -65,7 +68,7 @@ def fold_last_token(
     page_min: torch.Tensor,
     page_max: torch.Tensor,
     last_page: torch.Tensor,
-    length: int,
+    length: int | torch.Tensor,
     pad: torch.Tensor,
     page_size: int,
     int8_bounds: tuple[torch.Tensor, torch.Tensor, torch.Tensor] | None = None,
@@ -82,13 +85,14 @@ def fold_last_token(
         if q_min.stride(-1) != 1 or q_max.stride() != q_min.stride() or scale.stride(-1) != 1:
             raise ValueError("fold_last_token needs the 8-bit bounds' last dimension contiguous, one layout for both")
         q_strides, s_strides = q_min.stride()[:3], scale.stride()[:2]
+    on_device = isinstance(length, torch.Tensor)
     _fold_kernel[(b * h,)](
-        keys, page_min, page_max, last_page, pad, q_min, q_max, scale,
+        keys, page_min, page_max, last_page, pad, q_min, q_max, scale, length if on_device else last_page,
         keys.stride(0), keys.stride(1), keys.stride(2),
         page_min.stride(0), page_min.stride(1), page_min.stride(2),
         *q_strides, *s_strides,
-        h, length,
+        h, 0 if on_device else length,
         PAGE=page_size, D=d, BLOCK_D=triton.next_power_of_2(d), INT8=int8_bounds is not None,
-        SCALE_FACTOR=SCALE_FACTOR, OUTWARD=OUTWARD, TINY=TINY, LIMIT=INT8_LIMIT,
+        SCALE_FACTOR=SCALE_FACTOR, OUTWARD=OUTWARD, TINY=TINY, LIMIT=INT8_LIMIT, LENGTH_FROM_PTR=on_device,
         num_warps=1,
     )

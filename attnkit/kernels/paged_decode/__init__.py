@@ -37,9 +37,10 @@ def sparse_decode_attention(
     page_size: int,
     pad: torch.Tensor | None = None,
     scale: float | None = None,
+    seq_len: torch.Tensor | None = None,
 ) -> torch.Tensor:
     """Dispatching entry point; see :func:`attnkit.kernels.paged_decode.reference.sparse_decode_attention`."""
-    args = (query, key, value, pages, page_size, pad, scale)
+    args = (query, key, value, pages, page_size, pad, scale, seq_len)
     name = backend_name()
     if name == "reference":
         return reference.sparse_decode_attention(*args)

@@ -65,6 +65,7 @@ def sparse_decode_attention(
     page_size: int,
     pad: torch.Tensor | None = None,
     scale: float | None = None,
+    seq_len: torch.Tensor | None = None,
 ) -> torch.Tensor:
     """Attention of one decode query per head over the listed pages plus the row's last page.
 
@@ -78,11 +79,19 @@ def sparse_decode_attention(
         page_size: tokens per page.
         pad: ``[B]`` leading padding slots per row (left padding), or None for none.
         scale: logit scale, default ``D ** -0.5``.
+        seq_len: None (all ``S`` slots hold keys), or a one-element integer tensor on the keys' device: only the
+            first ``seq_len`` slots hold keys (a fixed-capacity cache whose decode steps are replayed from a CUDA
+            graph; this reference reads it back, the Triton kernel loads it).
 
     Returns:
         ``[B, Hq, D]`` in the query's dtype (softmax in fp32).
     """
     check_inputs(query, key, value, pages, page_size, pad)
+    if seq_len is not None:
+        filled = int(seq_len.reshape(-1)[0])
+        if not 0 < filled <= key.shape[2]:
+            raise ValueError(f"seq_len {filled} is outside the cache's {key.shape[2]} slots")
+        key, value = key[:, :, :filled], value[:, :, :filled]
     b, hq, d = query.shape
     hkv, seq_len = key.shape[1], key.shape[2]
     group = hq // hkv

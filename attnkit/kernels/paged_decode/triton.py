@@ -34,7 +34,7 @@ _EMPTY = tl.constexpr(-1.0e30)  # running max of a split that saw no key: finite
 
 @triton.jit
 def _split_kernel(
-    q_ptr, k_ptr, v_ptr, pages_ptr, pad_ptr, acc_ptr, m_ptr, l_ptr,
+    q_ptr, k_ptr, v_ptr, pages_ptr, pad_ptr, acc_ptr, m_ptr, l_ptr, seq_len_ptr,
     stride_qb, stride_qh,
     stride_kb, stride_kh, stride_ks,
     stride_vb, stride_vh, stride_vs,
@@ -43,10 +43,12 @@ def _split_kernel(
     stride_mb, stride_mh,
     num_sel, seq_len, num_listed, entries_per_split, qk_scale,
     GROUP: tl.constexpr, SHARE: tl.constexpr, BLOCK_G: tl.constexpr, PAGE: tl.constexpr, TILE: tl.constexpr,
-    D: tl.constexpr, IEEE: tl.constexpr,
+    D: tl.constexpr, IEEE: tl.constexpr, SEQ_LEN_FROM_PTR: tl.constexpr,
 ):
     pid = tl.program_id(0)
     split = tl.program_id(1)
+    if SEQ_LEN_FROM_PTR:  # slots filled in a fixed-capacity cache, kept on the device (CUDA-graph decode)
+        seq_len = tl.load(seq_len_ptr).to(tl.int32)
     b = pid // num_sel
     hs = pid % num_sel
     if SHARE:
@@ -165,6 +167,7 @@ def sparse_decode_attention(
     page_size: int,
     pad: torch.Tensor | None = None,
     scale: float | None = None,
+    seq_len: torch.Tensor | None = None,
     num_splits: int | None = None,
 ) -> torch.Tensor:
     """See :func:`attnkit.kernels.paged_decode.reference.sparse_decode_attention`; ``num_splits`` overrides the
@@ -180,7 +183,7 @@ def sparse_decode_attention(
     if value.stride(-1) != 1:
         value = value.contiguous()
     b, hq, d = query.shape
-    hkv, seq_len = key.shape[1], key.shape[2]
+    hkv, slots = key.shape[1], key.shape[2]
     group = hq // hkv
     share = pages.shape[1] == hkv and group > 1
     num_sel = pages.shape[1]
@@ -203,17 +206,18 @@ def sparse_decode_attention(
     l_sum = torch.empty_like(m)
     scale = d**-0.5 if scale is None else scale
     ieee = INTERPRET or query.dtype == torch.float32
+    on_device = seq_len is not None
     _split_kernel[(b * num_sel, splits)](
-        query, key, value, pages, pad, acc, m, l_sum,
+        query, key, value, pages, pad, acc, m, l_sum, seq_len if on_device else pad,
         query.stride(0), query.stride(1),
         key.stride(0), key.stride(1), key.stride(2),
         value.stride(0), value.stride(1), value.stride(2),
         pages.stride(0), pages.stride(1), pages.stride(2),
         acc.stride(0), acc.stride(1), acc.stride(2),
         m.stride(0), m.stride(1),
-        num_sel, seq_len, num_listed, entries_per_split, scale * _LOG2E,
+        num_sel, 0 if on_device else slots, num_listed, entries_per_split, scale * _LOG2E,
         GROUP=group, SHARE=share, BLOCK_G=max(16, triton.next_power_of_2(group)) if share else 16,
-        PAGE=page_size, TILE=tile, D=d, IEEE=ieee,
+        PAGE=page_size, TILE=tile, D=d, IEEE=ieee, SEQ_LEN_FROM_PTR=on_device,
         num_warps=8, num_stages=3,  # 64-token tiles: 142 registers, no spills on sm_90 (4 warps spill)
     )
     out = torch.empty(b, hq, d, dtype=query.dtype, device=query.device)
