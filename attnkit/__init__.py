@@ -18,6 +18,7 @@ from attnkit import attention as _attention  # noqa: F401  (registers "attnkit" 
 from attnkit import registry
 from attnkit.cache import make_cache
 from attnkit.checkpoint import load, save
+from attnkit.generation import generate_graphed
 from attnkit.kernels import BlockMask, block_sparse_attention
 from attnkit.models import load_model
 from attnkit.patch import apply, dense, unpatch
@@ -33,6 +34,7 @@ __all__ = [
     "convert",
     "dense",
     "evaluate",
+    "generate_graphed",
     "load",
     "load_model",
     "make_cache",

@@ -111,6 +111,14 @@ class PageBoundsLayer(DynamicLayer):
     :func:`attnkit.kernels.page_bounds.quantize_bounds`), rewritten whenever a page's bounds change; Quest then
     scores pages from it and reads about half the bytes.
 
+    Fixed capacity (:meth:`make_static`, what :func:`attnkit.generate_graphed` sets up): the buffers are allocated
+    once for ``max_cache_len`` slots and never move, and a decode step (one token after the prefill) writes its key
+    and value at a *device-side* length (``length_t``, int64 ``[1]``, advanced on the GPU), returns the whole
+    ``[B, Hkv, max_cache_len, D]`` buffers, and Quest's kernels read the filled length from ``length_t``: the step
+    has no host-side value that changes from token to token, so it can be captured once as a CUDA graph and
+    replayed. The host-side ``length`` still advances on eager steps; a replayed graph advances only the device
+    (:meth:`sync_length` reads it back).
+
     The keys view carries a weak reference to this layer (:func:`page_bounds_layer_of` resolves it): transformers
     hands the attention function the tensors ``update`` returned but not the cache, and this is how the decode module
     finds the bounds that belong to exactly those keys. Weak, because the layer holds the view: a strong reference
@@ -127,6 +135,7 @@ class PageBoundsLayer(DynamicLayer):
         self.page_size = page_size
         self.track_bounds = track_bounds
         self.int8_bounds = int8_bounds and track_bounds
+        self.max_cache_len: int | None = None  # fixed capacity (make_static), else the buffers grow
         self._clear()
 
     def _clear(self) -> None:
@@ -143,6 +152,28 @@ class PageBoundsLayer(DynamicLayer):
         self.last_page: torch.Tensor | None = None  # [B] int32, index of each row's last (current) page
         self.min_pad = 0  # min over rows of pad, on the host (how many pages the longest row has)
         self._pad_host: list[int] = []
+        self.length_t: torch.Tensor | None = None  # [1] int64 on the device, = length (fixed capacity only)
+        self.all_pages: torch.Tensor | None = None  # [1, 1, page capacity - 1]: every page listed (dense decode)
+
+    def make_static(self, max_cache_len: int) -> None:
+        """Fix the capacity at ``max_cache_len`` slots (padding included): allocated once on the first update, decode
+        steps then run at a device-side length (see the class docstring). Call before the first update."""
+        if self.is_initialized and self.length:
+            raise ValueError("make_static must be called on an empty cache (before the prefill)")
+        if max_cache_len <= 0:
+            raise ValueError(f"max_cache_len must be positive, got {max_cache_len}")
+        self.max_cache_len = max_cache_len
+
+    @property
+    def static_decode(self) -> bool:
+        """True when the next one-token update is a fixed-capacity decode step (device-side length)."""
+        return self.max_cache_len is not None and self.length > 0
+
+    def sync_length(self) -> None:
+        """Read the device-side length back after decode steps replayed from a CUDA graph (one host sync)."""
+        if self.length_t is not None:
+            self.length = self.bounded = int(self.length_t.item())
+            self._publish()
 
     def lazy_initialization(self, key_states: torch.Tensor, value_states: torch.Tensor | None = None) -> None:
         self.device = key_states.device
@@ -153,17 +184,39 @@ class PageBoundsLayer(DynamicLayer):
             self.lazy_initialization(key_states, value_states)
         need = self.length + key_states.shape[-2]
         self._reserve(need, key_states, value_states)
+        if self.static_decode and key_states.shape[-2] == 1:
+            # Written at the device-side length: the same kernels at every step (capturable in a CUDA graph).
+            self._keys.index_copy_(2, self.length_t, key_states)
+            self._values.index_copy_(2, self.length_t, value_states)
+            self.length_t += 1
+            self.length = need
+            self._publish(whole=True)
+            return self.keys, self.values
         self._keys[:, :, self.length : need] = key_states
         self._values[:, :, self.length : need] = value_states
         self.length = need
+        if self.max_cache_len is not None:
+            self.length_t.fill_(need)
         self._publish()
         return self.keys, self.values
+
+    def get_seq_length(self) -> int:
+        return self.length
 
     def _reserve(self, need: int, key_states: torch.Tensor, value_states: torch.Tensor) -> None:
         capacity = 0 if self._keys is None else self._keys.shape[2]
         if need <= capacity:
             return
-        capacity = need + max(need // 8, 256)
+        if self.max_cache_len is not None:
+            if capacity or need > self.max_cache_len:
+                raise ValueError(
+                    f"this fixed-capacity cache holds {self.max_cache_len} tokens (padding included) and would need "
+                    f"{need}: make the cache with a larger max_cache_len"
+                )
+            self.length_t = torch.zeros(1, dtype=torch.long, device=key_states.device)
+            capacity = self.max_cache_len
+        else:
+            capacity = need + max(need // 8, 256)
         b, h, _, d = key_states.shape
         keys = key_states.new_empty(b, h, capacity, d)
         values = value_states.new_empty(b, h, capacity, value_states.shape[-1])
@@ -190,9 +243,11 @@ class PageBoundsLayer(DynamicLayer):
                     scale[:, :, :used] = self.page_scale
                 self.page_min_int8, self.page_max_int8, self.page_scale = q_min, q_max, scale
 
-    def _publish(self) -> None:
-        self.keys = self._keys[:, :, : self.length]
-        self.values = self._values[:, :, : self.length]
+    def _publish(self, whole: bool = False) -> None:
+        """Expose the stored slots as ``keys``/``values`` (``whole``: the whole fixed-capacity buffers)."""
+        end = self._keys.shape[2] if whole else self.length
+        self.keys = self._keys[:, :, :end]
+        self.values = self._values[:, :, :end]
         self.keys.attnkit_cache_layer = weakref.ref(self)
 
     # ----------------------------------------------------------------------------------------- page bounds
@@ -206,10 +261,10 @@ class PageBoundsLayer(DynamicLayer):
         ``key_padding_mask [B, S]`` (True = real token) or None; read on the first call only, to find each row's
         leading padding. It must be left padding (``0…0 1…1`` per row).
         """
+        if self.pad is None and self.length and (self.track_bounds or self.max_cache_len is not None):
+            self._set_padding(key_padding_mask)  # fixed-capacity dense layers need the padding too
         if not self.track_bounds or self.bounded == self.length:
             return
-        if self.pad is None:
-            self._set_padding(key_padding_mask)
         if self.length - self.bounded == 1 and self.bounded > 0:
             self._fold_one_token()
         else:
@@ -267,7 +322,8 @@ class PageBoundsLayer(DynamicLayer):
         """One decode token per row: update its page's bounds in place, or start them if it opens the page (one
         Triton launch on a GPU: :func:`attnkit.kernels.page_bounds.fold_last_token`)."""
         fold_last_token(
-            self._keys, self.page_min, self.page_max, self.last_page, self.length, self.pad, self.page_size,
+            self._keys, self.page_min, self.page_max, self.last_page,
+            self.length_t if self.max_cache_len is not None else self.length, self.pad, self.page_size,
             (self.page_min_int8, self.page_max_int8, self.page_scale) if self.int8_bounds else None,
         )
 
@@ -283,6 +339,8 @@ class PageBoundsLayer(DynamicLayer):
             return
         self.length = max(self.length + tokens_to_remove, 0)
         self.bounded = 0  # recomputed from the kept keys on the next update_bounds
+        if self.length_t is not None:
+            self.length_t.fill_(self.length)
         self._publish()
 
     def _map_rows(self, fn) -> None:
@@ -425,11 +483,14 @@ class AttnkitCache(DynamicCache):
         self.layer_class_to_replicate = None
 
 
-def make_cache(model: PreTrainedModel) -> AttnkitCache | None:
+def make_cache(model: PreTrainedModel, max_cache_len: int | None = None) -> AttnkitCache | None:
     """The cache to generate with, or ``None`` when no layer of ``model`` has a decode method.
 
     Also ``None`` while the model runs dense (inside :func:`attnkit.dense` or after ``unpatch``): a dense run
     must see the whole KV cache, not an evicting one.
+
+    ``max_cache_len``: a fixed-capacity cache (prompt + new tokens, padding included) whose decode steps can be
+    captured as a CUDA graph (:func:`attnkit.generate_graphed`); every layer must then decode with Quest.
     """
     from attnkit.attention import ATTN_IMPLEMENTATION, attention_modules
 
@@ -447,4 +508,14 @@ def make_cache(model: PreTrainedModel) -> AttnkitCache | None:
             any_decode = True
         else:
             layers.append(DynamicLayer())
-    return AttnkitCache(layers) if any_decode else None
+    if not any_decode:
+        return None
+    if max_cache_len is not None:
+        for idx, layer in enumerate(layers):
+            if not isinstance(layer, PageBoundsLayer):
+                raise ValueError(
+                    f"a fixed-capacity cache needs Quest's cache in every layer; layer {idx} has "
+                    f"{type(layer).__name__} (apply quest with layers: all; list dense layers in dense_layers)"
+                )
+            layer.make_static(max_cache_len)
+    return AttnkitCache(layers)

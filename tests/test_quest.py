@@ -332,6 +332,98 @@ def test_padded_batch_equals_unpadded():
             assert torch.equal(m.last_pages[0].sort(-1).values, pages[row].sort(-1).values)
 
 
+# ------------------------------------------------------------------- fixed capacity (CUDA-graph decode)
+@pytest.mark.parametrize("settings", [
+    {},
+    {"share_gqa_group": True, "bounds_dtype": "int8", "sink_pages": 1},
+    {"token_budget": 256},
+], ids=["sparse", "shared-int8-sink", "budget-holds-all"])
+@pytest.mark.parametrize("pads", [[0, 0], [0, 5]], ids=["unpadded", "padded"])
+def test_generate_graphed_eager_steps_equal_generate(tiny, pads, settings, monkeypatch):
+    """The fixed-capacity steps (device-side length, whole buffers, scores over the capacity) pick the tokens
+    model.generate picks with the growing cache, with sparse selection, shared int8 scoring and a sink page,
+    padding, dense layer 0, and a budget that holds every page (all pages through the paged kernel). The buffers'
+    unwritten slots and pages are NaN: a step that reads one fails."""
+    reserve = PageBoundsLayer._reserve
+
+    def poisoned_reserve(self, need, key_states, value_states):
+        fresh = self._keys is None
+        reserve(self, need, key_states, value_states)
+        if fresh and self._keys is not None:
+            for t in (self._keys, self._values, self.page_min, self.page_max, self.page_scale):
+                if t is not None:
+                    t.fill_(float("nan"))
+
+    monkeypatch.setattr(PageBoundsLayer, "_reserve", poisoned_reserve)
+    model, _ = tiny
+    ids, mask = random_batch(model.config.vocab_size, 2, 37, pad_lengths=pads)
+    attnkit.apply(model, quest(**settings))
+    want = model.generate(input_ids=ids, attention_mask=mask, max_new_tokens=9, do_sample=False,
+                          past_key_values=attnkit.make_cache(model))[:, 37:]
+    got = attnkit.generate_graphed(model, ids, 9, attention_mask=mask, cuda_graph=False)
+    assert torch.equal(got, want)
+    # model.generate itself runs with the fixed-capacity cache too (its 2D mask is not needed at decode)
+    fixed = model.generate(input_ids=ids, attention_mask=mask, max_new_tokens=9, do_sample=False,
+                           past_key_values=attnkit.make_cache(model, max_cache_len=37 + 9))[:, 37:]
+    assert torch.equal(fixed, want)
+    if "token_budget" not in settings:
+        assert all(m.last_pages is not None for m in quest_layers(model))  # the sparse path ran
+
+
+def test_generate_graphed_chunked_prefill_and_stats(tiny):
+    """A prompt prefilled in chunks (left padding inside the first chunk) gives the same tokens; stats are filled."""
+    model, _ = tiny
+    ids, mask = random_batch(model.config.vocab_size, 2, 33, pad_lengths=[0, 4])
+    attnkit.apply(model, quest())
+    whole = attnkit.generate_graphed(model, ids, 6, attention_mask=mask, cuda_graph=False)
+    stats = {}
+    chunked = attnkit.generate_graphed(model, ids, 6, attention_mask=mask, cuda_graph=False, prefill_chunk=10,
+                                       stats=stats)
+    assert torch.equal(chunked, whole)
+    assert stats["prefill_ms"] > 0 and stats["decode_ms_per_token"] > 0 and stats["timed_steps"] == 5
+
+
+def test_fixed_capacity_cache_state_and_errors(tiny):
+    """Decode steps write at the device-side length and return the whole buffers; the bounds equal their
+    definition; the capacity is enforced; every layer must be Quest's."""
+    model, _ = tiny
+    ids, _ = random_batch(model.config.vocab_size, 1, 21)
+    attnkit.apply(model, quest())
+    cache = attnkit.make_cache(model, max_cache_len=24)
+    model(input_ids=ids, past_key_values=cache, use_cache=True)
+    layer = cache.layers[1]
+    assert layer.length == 21 and int(layer.length_t) == 21 and layer.keys.shape[-2] == 21
+    for i in range(3):
+        model(input_ids=ids[:, :1], position_ids=torch.tensor([[21 + i]]), past_key_values=cache, use_cache=True)
+    assert layer.length == 24 and int(layer.length_t) == 24 and layer.keys.shape[-2] == 24  # the whole buffer
+    lo, hi = brute_bounds(layer.keys, [0], 4)
+    assert torch.equal(layer.page_min[:, :, :6], lo) and torch.equal(layer.page_max[:, :, :6], hi)
+    with pytest.raises(ValueError, match="holds 24 tokens"):
+        model(input_ids=ids[:, :1], past_key_values=cache, use_cache=True)
+    with pytest.raises(ValueError, match="empty cache"):
+        layer.make_static(64)
+    attnkit.unpatch(model)
+    attnkit.apply(model, quest(layers=[1], dense_layers=[]))
+    with pytest.raises(ValueError, match="layer 0 has DynamicLayer"):
+        attnkit.make_cache(model, max_cache_len=64)
+    with pytest.raises(ValueError, match="needs the inputs on a CUDA device"):
+        attnkit.generate_graphed(model, ids, 4, cuda_graph=True)
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
+@pytest.mark.parametrize("settings", [{}, {"share_gqa_group": True, "bounds_dtype": "int8"}], ids=["per-head", "shared-int8"])
+def test_generate_graphed_cuda_graph_equals_generate(settings):
+    """On a GPU: the decode step captured once and replayed gives generate's tokens (padded batch, sparse steps)."""
+    model, _ = attnkit.load_model("tiny-llama", dtype="float32", device="cuda")
+    ids, mask = random_batch(model.config.vocab_size, 2, 45, pad_lengths=[0, 6])
+    ids, mask = ids.cuda(), mask.cuda()
+    attnkit.apply(model, quest(**settings))
+    want = model.generate(input_ids=ids, attention_mask=mask, max_new_tokens=12, do_sample=False,
+                          past_key_values=attnkit.make_cache(model))[:, 45:]
+    got = attnkit.generate_graphed(model, ids, 12, attention_mask=mask)
+    assert torch.equal(got, want)
+
+
 def test_decode_without_the_quest_cache_selects_the_same(tiny):
     """A plain DynamicCache (no attnkit.make_cache): bounds are recomputed per step, same logits."""
     model, _ = tiny

@@ -148,10 +148,20 @@ class QuestDecode(DecodeLayer):
         self.dense = dense
         self.last_pages: torch.Tensor | None = None
 
+    def key_padding(self, key_padding_mask: torch.Tensor | None, kv_len: int) -> torch.Tensor | None:
+        # A fixed-capacity cache returns its whole buffer at decode (kv_len = capacity, more slots than the mask
+        # covers): the step pages from each row's first real token (the padding the cache read at the prefill), so
+        # the mask is not needed.
+        if key_padding_mask is not None and key_padding_mask.shape[-1] < kv_len:
+            return None
+        return key_padding_mask
+
     def attend(self, query, key, value, key_padding_mask, scale):
+        cache = page_bounds_layer_of(key)
+        if isinstance(cache, PageBoundsLayer) and cache.max_cache_len is not None:
+            return self._attend_fixed_capacity(cache, query, key, value, key_padding_mask, scale)
         if self.dense:
             return None
-        cache = page_bounds_layer_of(key)
         if not isinstance(cache, PageBoundsLayer) or cache.length != key.shape[-2] or not cache.track_bounds:
             if query.shape[-2] > 1:
                 return None
@@ -189,6 +199,42 @@ class QuestDecode(DecodeLayer):
         chosen = top_pages(scores, method.page_budget - 1)
         self.last_pages = chosen
         out = sparse_decode_attention(query, key, value, chosen, p, cache.pad, scale)
+        return out[:, :, None]
+
+    def _attend_fixed_capacity(self, cache, query, key, value, key_padding_mask, scale):
+        """A decode step on a fixed-capacity cache (``key``/``value``: the whole ``[B, Hkv, capacity, D]`` buffers,
+        filled up to the device-side ``cache.length_t``): every launch has the same shapes at every step, nothing is
+        read back to the host, so the step can be captured once in a CUDA graph. Pages are scored over the whole
+        capacity (pages past each row's last page score -inf and are ignored as fillers); dense layers, and budgets
+        that hold every page of the capacity, attend to all pages with the same kernel."""
+        cache.update_bounds(key_padding_mask)
+        if query.shape[-2] > 1:
+            return None  # prefill: the recipe's prefill method, or dense
+        method, p = self.method, self.method.page_size
+        query = query[:, :, 0]
+        capacity_pages = -(-key.shape[-2] // p)
+        if self.dense or not cache.track_bounds or capacity_pages <= method.page_budget:
+            if cache.all_pages is None:
+                cache.all_pages = torch.arange(capacity_pages, dtype=torch.int32, device=key.device).view(1, 1, -1)
+            chosen = cache.all_pages.expand(key.shape[0], key.shape[1], -1)  # the last page is added by the kernel
+            self.last_pages = None
+        else:
+            pages = cache.page_min.shape[2]
+            if method.scoring == "oracle":
+                raise ValueError("scoring: oracle reads every key and is not supported with a fixed-capacity cache")
+            if cache.int8_bounds:
+                scores = page_scores(query, cache.page_min_int8, cache.page_max_int8, cache.last_page,
+                                     method.share_gqa_group, cache.page_scale)
+            else:
+                scores = page_scores(query, cache.page_min, cache.page_max, cache.last_page, method.share_gqa_group)
+            if method.sink_pages:
+                sink = torch.arange(pages, device=scores.device) < torch.clamp(
+                    cache.last_page, max=method.sink_pages
+                ).view(-1, 1, 1)
+                scores = scores.masked_fill(sink, float("inf"))
+            chosen = top_pages(scores, method.page_budget - 1)
+            self.last_pages = chosen
+        out = sparse_decode_attention(query, key, value, chosen, p, cache.pad, scale, seq_len=cache.length_t)
         return out[:, :, None]
 
     def _bounds_without_cache(self, key: torch.Tensor, value: torch.Tensor) -> PageBoundsLayer:
