@@ -35,7 +35,9 @@ timed as a CUDA graph (``-graph``, FlashAttention pinned): one decode step captu
 GPU time per token without Python's launch overhead, as a serving engine runs decode (eager decode of this model is
 host-bound: the profile in RESULTS.md). ``dense`` (transformers' ``DynamicCache``) is not captured: its step
 concatenates the whole cache into new tensors, a second copy of the cache inside the graph; ``dense-buffered-graph``
-(a one-slot write, as a static cache does) is the dense baseline of the graph rows.
+(a one-slot write, as a static cache does) is the dense baseline of the graph rows. ``--generate-graphed`` also
+times real generation with :func:`attnkit.generate_graphed` (every decode step replayed from one CUDA graph while
+the context advances; dense-buffered then attends to every page through attnkit's paged kernel).
 
 Writes ``quest-<timestamp>.json`` to ``--out`` and prints markdown tables.
 """
@@ -286,6 +288,7 @@ def model_tpot(
     batch: int = 1,
     sdpa_backends: tuple[str, ...] = ("default", "flash"),
     graph: bool = True,
+    generate_graphed: bool = False,
 ) -> dict:
     from transformers import DynamicCache
 
@@ -341,12 +344,28 @@ def model_tpot(
                 out[f"{key}_error"] = f"{type(e).__name__}: {str(e)[:300]}"
                 print(f"  {key}: capture failed: {out[f'{key}_error']}", flush=True)
                 torch.cuda.synchronize()
-        if step is not None:
-            attnkit.unpatch(model)
         del cache, logits
         gc.collect()  # free the finished variant's cache now (a 128K cache is ~16 GiB; 62a4042 went out of memory)
         if DEVICE == "cuda":
             torch.cuda.empty_cache()
+        # Real generation with every decode step replayed from one CUDA graph (attnkit.generate_graphed: a
+        # fixed-capacity cache, the context advancing token by token): its own prefill, then new_tokens timed steps.
+        # "dense-buffered" runs dense attention there through attnkit's paged kernel (every page listed).
+        if generate_graphed and step is not None and DEVICE == "cuda":
+            key = f"{name}-generate-graphed"
+            stats: dict = {}
+            try:
+                attnkit.generate_graphed(model, ids, new_tokens + 3, prefill_chunk=prefill_chunk, stats=stats)
+                out[f"{key}_ms_per_token"] = stats["decode_ms_per_token"]
+                out[f"{key}_timed_steps"] = stats["timed_steps"]
+                print(f"  {key}: {stats['decode_ms_per_token']:.2f} ms/token", flush=True)
+            except Exception as e:  # reported, not fatal: the other variants still run
+                out[f"{key}_error"] = f"{type(e).__name__}: {str(e)[:300]}"
+                print(f"  {key}: failed: {out[f'{key}_error']}", flush=True)
+            gc.collect()
+            torch.cuda.empty_cache()
+        if step is not None:
+            attnkit.unpatch(model)
     def ratio(name, base):
         if name != base and f"{base}_ms_per_token" in out and f"{name}_ms_per_token" in out:
             out[f"speedup_{name}_vs_{base}"] = out[f"{base}_ms_per_token"] / out[f"{name}_ms_per_token"]
@@ -359,6 +378,8 @@ def model_tpot(
     for name in variants:
         if name not in ("dense", "dense-buffered"):
             ratio(f"{name}-graph", "dense-buffered-graph")
+            ratio(f"{name}-generate-graphed", "dense-buffered-generate-graphed")
+            ratio(f"{name}-generate-graphed", "dense-buffered-graph")
     return out
 
 
@@ -509,8 +530,8 @@ def markdown(result: dict) -> str:
             "ms per output token (eager: SDPA default backend / FlashAttention pinned; CUDA graph: FlashAttention, the "
             "step replayed at this context); × = dense on the same buffered cache ÷ this row, same column",
             "",
-            "| variant | eager, default | eager, flash | × (flash) | CUDA graph | × (graph) |",
-            "|---|---|---|---|---|---|",
+            "| variant | eager, default | eager, flash | × (flash) | CUDA graph | × (graph) | generate_graphed | × |",
+            "|---|---|---|---|---|---|---|---|",
         ]
 
         def ms(key):
@@ -520,7 +541,8 @@ def markdown(result: dict) -> str:
             lines.append(
                 f"| {name} | {ms(name + '_ms_per_token')} | {ms(name + '-flash_ms_per_token')} | "
                 f"{ms(f'speedup_{name}-flash_vs_dense-buffered-flash')} | {ms(name + '-graph_ms_per_token')} | "
-                f"{ms(f'speedup_{name}-graph_vs_dense-buffered-graph')} |"
+                f"{ms(f'speedup_{name}-graph_vs_dense-buffered-graph')} | {ms(name + '-generate-graphed_ms_per_token')} | "
+                f"{ms(f'speedup_{name}-generate-graphed_vs_dense-buffered-generate-graphed')} |"
             )
     return "\n".join(lines)
 
@@ -538,6 +560,8 @@ def main(argv: list[str] | None = None) -> dict:
     ap.add_argument("--sdpa-backends", default="default,flash", help="SDPA backends of the eager TPOT timings: "
                     "default (cuDNN on an H100) and/or flash (FlashAttention pinned)")
     ap.add_argument("--no-graph", action="store_true", help="skip the CUDA-graph TPOT timings")
+    ap.add_argument("--generate-graphed", action="store_true", help="also time attnkit.generate_graphed per variant "
+                    "(real generation, every decode step replayed from one CUDA graph; one more prefill each)")
     ap.add_argument("--prefill-chunk", type=int, default=16384, help="tokens per prefill forward of the TPOT model")
     ap.add_argument("--no-model", action="store_true", help="skip part 2 (time per output token)")
     ap.add_argument("--out", default="runs/bench")
@@ -581,7 +605,8 @@ def main(argv: list[str] | None = None) -> dict:
         result["model"] = model_tpot(args.model_layers, parse_length(args.model_length), args.token_budget,
                                      args.page_size, args.new_tokens, warmup=4, prefill_chunk=args.prefill_chunk,
                                      profile_steps=args.profile_steps, batch=args.model_batch,
-                                     sdpa_backends=tuple(args.sdpa_backends.split(",")), graph=not args.no_graph)
+                                     sdpa_backends=tuple(args.sdpa_backends.split(",")), graph=not args.no_graph,
+                                     generate_graphed=args.generate_graphed)
         out.write_text(json.dumps(result, indent=1))
     if result["points"] or result.get("model"):
         print(markdown(result))
