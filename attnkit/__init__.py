@@ -10,6 +10,8 @@ Public API (see README and DESIGN)::
     attnkit.unpatch(model)
     attnkit.convert(recipe="streaming_llm", model="llama", out="out/")
     report = attnkit.evaluate("out/", tasks=["passkey"], lengths=[2048])
+    cache = attnkit.make_cache(model)                       # a decode method's cache, for model.generate
+    new_tokens = attnkit.generate_graphed(model, input_ids, 64)   # Quest: decode steps replayed from a CUDA graph
 """
 
 __version__ = "0.1.0"
