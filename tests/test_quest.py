@@ -231,6 +231,55 @@ def test_oracle_scoring_selects_the_true_best_pages_in_a_decode_step():
 
 
 @pytest.mark.parametrize("share", [False, True], ids=["per-head", "shared"])
+def test_candidate_page_max_is_the_oracle_at_the_candidates(share):
+    """rerank_pages' exact score of a shortlist = the oracle's score of those pages (padded rows, fillers past the
+    valid pages and -1 entries score -inf)."""
+    g = torch.Generator().manual_seed(13)
+    b, hq, hkv, d, page, pads, s = 2, 6, 2, 8, 4, [0, 5], 30
+    key = torch.randn(b, hkv, s, d, generator=g)
+    query = torch.randn(b, hq, d, generator=g)
+    pad = torch.tensor(pads)
+    pages = -(-(s - min(pads)) // page)
+    valid = (s - pad + page - 1) // page - 1
+    oracle = score_ref.oracle_page_scores(query, key, pad, page, pages, valid, share)
+    heads = hkv if share else hq
+    candidates = torch.stack([torch.randperm(pages, generator=g)[:5] for _ in range(b * heads)]).view(b, heads, 5)
+    candidates[0, 0, 0] = -1
+    got = score_ref.candidate_page_max(query, key, pad, page, candidates, valid, share)
+    want = oracle.gather(-1, candidates.clamp_min(0)).masked_fill(candidates < 0, float("-inf"))
+    torch.testing.assert_close(got, want)
+
+
+@pytest.mark.parametrize("share", [False, True], ids=["per-head", "shared"])
+def test_rerank_of_every_page_selects_what_the_oracle_selects(share):
+    """With a shortlist of every page, rerank_pages picks exactly the oracle's pages; with a short one, only pages of
+    the bound's shortlist, ranked by their true largest logit."""
+    g = torch.Generator().manual_seed(4)
+    b, hq, hkv, d, page = 1, 4, 2, 8, 4
+    k, v = torch.randn(b, hkv, 41, d, generator=g), torch.randn(b, hkv, 41, d, generator=g)
+    q0, q1 = torch.randn(b, hq, 41, d, generator=g), torch.randn(b, hq, 1, d, generator=g)
+    k1, v1 = torch.randn(b, hkv, 1, d, generator=g), torch.randn(b, hkv, 1, d, generator=g)
+    picked = {}
+    for name, settings in {"oracle": {"scoring": "oracle"}, "rerank-all": {"rerank_pages": 64},
+                           "bound": {}, "rerank-4": {"rerank_pages": 4}}.items():
+        method = Quest(page_size=page, token_budget=12, dense_layers=[], share_gqa_group=share, **settings)
+        decode, cache = QuestDecode(method, 0, dense=False), method.make_cache_layer(0)
+        key, value = cache.update(k, v)
+        decode.attend(q0, key, value, None, None)
+        key, value = cache.update(k1, v1)
+        decode.attend(q1, key, value, None, None)
+        picked[name] = decode.last_pages.sort(-1).values
+        if name == "rerank-4":
+            bound = score_ref.page_scores(q1[:, :, 0], cache.page_min[:, :, :10], cache.page_max[:, :, :10],
+                                          cache.last_page, share)
+            shortlist = bound.topk(4, dim=-1).indices
+            oracle = score_ref.oracle_page_scores(q1[:, :, 0], key, cache.pad, page, 10, cache.last_page, share)
+            want = shortlist.gather(-1, oracle.gather(-1, shortlist).topk(2, dim=-1).indices)
+            assert torch.equal(picked[name], want.sort(-1).values)
+    assert torch.equal(picked["rerank-all"], picked["oracle"])
+
+
+@pytest.mark.parametrize("share", [False, True], ids=["per-head", "shared"])
 def test_oracle_selecting_every_page_equals_dense_attention(share):
     """The sparse path itself at a budget that holds the context: the oracle's top pages (every complete page; the
     shorter, padded row gets fillers past its pages) + the last page attend exactly what dense attention attends."""
@@ -337,7 +386,8 @@ def test_padded_batch_equals_unpadded():
     {},
     {"share_gqa_group": True, "bounds_dtype": "int8", "sink_pages": 1},
     {"token_budget": 256},
-], ids=["sparse", "shared-int8-sink", "budget-holds-all"])
+    {"rerank_pages": 5, "sink_pages": 1},
+], ids=["sparse", "shared-int8-sink", "budget-holds-all", "rerank-sink"])
 @pytest.mark.parametrize("pads", [[0, 0], [0, 5]], ids=["unpadded", "padded"])
 def test_generate_graphed_eager_steps_equal_generate(tiny, pads, settings, monkeypatch):
     """The fixed-capacity steps (device-side length, whole buffers, scores over the capacity) pick the tokens
@@ -485,6 +535,8 @@ def test_composes_with_a_prefill_method(tiny):
         ({"token_budget": 0}, "greater than 0"),
         ({"page_sise": 16}, "unknown key"),
         ({"scoring": "exact"}, "bound"),
+        ({"rerank_pages": 1}, "shortlist must hold"),
+        ({"rerank_pages": 8, "scoring": "oracle"}, "already ranks every page"),
     ],
 )
 def test_bad_settings_fail_clearly(settings, message):

@@ -35,7 +35,7 @@ from torch import nn
 
 from attnkit.cache import PageBoundsLayer, page_bounds_layer_of
 from attnkit.kernels.page_scores import page_scores, top_pages
-from attnkit.kernels.page_scores.reference import oracle_page_scores
+from attnkit.kernels.page_scores.reference import candidate_page_max, oracle_page_scores
 from attnkit.kernels.paged_decode import sparse_decode_attention
 from attnkit.method import DecodeLayer, Method
 from attnkit.registry import register
@@ -71,6 +71,13 @@ class Quest(Method):
         "scale per page and head, rounded outward so it still bounds every logit, looser by at most the scale per "
         "channel): scoring reads 2·D + 4 bytes per page and head instead of 4·D in bf16",
     )
+    rerank_pages: int = Field(
+        0, ge=0,
+        description="0: the paper's Quest. N: the bound shortlists its N best pages, then the shortlist is ranked "
+        "by each page's true largest logit (reading the shortlist's keys, N·page_size per head) and the best "
+        "token_budget/page_size - 1 are attended: the bound's misrankings inside the shortlist cost nothing (an "
+        "attnkit extension; reference implementation, no fused kernel yet)",
+    )
     sink_pages: int = Field(
         0, ge=0,
         description="always attend each row's first pages (the attention sink, as StreamingLLM keeps), inside the "
@@ -99,6 +106,13 @@ class Quest(Method):
                 f"sink_pages {self.sink_pages} leaves no page of the budget ({self.token_budget // self.page_size} pages, "
                 "the current one included) for the pages Quest selects"
             )
+        if self.rerank_pages and self.rerank_pages < self.token_budget // self.page_size - 1:
+            raise ValueError(
+                f"rerank_pages {self.rerank_pages} is below the pages chosen per step "
+                f"({self.token_budget // self.page_size - 1}): the shortlist must hold at least as many pages"
+            )
+        if self.rerank_pages and self.scoring == "oracle":
+            raise ValueError("rerank_pages re-ranks the bound's shortlist; scoring: oracle already ranks every page")
         if self.token_budget % self.page_size:
             raise ValueError(
                 f"token_budget {self.token_budget} is not a multiple of page_size {self.page_size}: pages are "
@@ -196,10 +210,22 @@ class QuestDecode(DecodeLayer):
                 cache.last_page.to(scores.device), max=method.sink_pages
             ).view(-1, 1, 1)
             scores = scores.masked_fill(sink, float("inf"))
+        if method.rerank_pages:
+            scores = self._rerank(scores, query, key, cache)
         chosen = top_pages(scores, method.page_budget - 1)
         self.last_pages = chosen
         out = sparse_decode_attention(query, key, value, chosen, p, cache.pad, scale)
         return out[:, :, None]
+
+    def _rerank(self, scores: torch.Tensor, query: torch.Tensor, key: torch.Tensor, cache: PageBoundsLayer):
+        """Keep the bound's ``rerank_pages`` best pages, scored again by their true largest logit (``[B, H, P]``
+        in, the same shape out: -inf outside the shortlist). Forced pages (+inf: the sink) stay forced."""
+        method = self.method
+        shortlist = top_pages(scores, min(method.rerank_pages, scores.shape[-1])).long()
+        exact = candidate_page_max(query, key, cache.pad, method.page_size, shortlist, cache.last_page,
+                                   method.share_gqa_group)
+        exact = torch.where(scores.gather(-1, shortlist) == float("inf"), float("inf"), exact)
+        return torch.full_like(scores, float("-inf")).scatter_(-1, shortlist, exact)
 
     def _attend_fixed_capacity(self, cache, query, key, value, key_padding_mask, scale):
         """A decode step on a fixed-capacity cache (``key``/``value``: the whole ``[B, Hkv, capacity, D]`` buffers,
@@ -232,6 +258,8 @@ class QuestDecode(DecodeLayer):
                     cache.last_page, max=method.sink_pages
                 ).view(-1, 1, 1)
                 scores = scores.masked_fill(sink, float("inf"))
+            if method.rerank_pages:
+                scores = self._rerank(scores, query, key, cache)
             chosen = top_pages(scores, method.page_budget - 1)
             self.last_pages = chosen
         out = sparse_decode_attention(query, key, value, chosen, p, cache.pad, scale, seq_len=cache.length_t)

@@ -139,3 +139,47 @@ def oracle_page_scores(
     if share_gqa_group:
         return out.amax(2)
     return out.reshape(b, hq, pages)
+
+
+def candidate_page_max(
+    query: torch.Tensor,
+    key: torch.Tensor,
+    pad: torch.Tensor,
+    page_size: int,
+    candidates: torch.Tensor,
+    valid_pages: torch.Tensor,
+    share_gqa_group: bool = False,
+) -> torch.Tensor:
+    """The largest true logit of each *candidate* page: :func:`oracle_page_scores` read for a few pages only (Quest's
+    ``rerank_pages``: the bound shortlists, the keys of the shortlist decide).
+
+    Args:
+        query: ``[B, Hq, D]`` (post-RoPE, unscaled).
+        key: ``[B, Hkv, S, D]``; pages start at each row's first real slot (``pad``), as in :func:`oracle_page_scores`.
+        pad: ``[B]`` leading padding slots per row.
+        page_size: tokens per page.
+        candidates: ``[B, Hq, C]`` page indices per query head, or ``[B, Hkv, C]`` with ``share_gqa_group`` (the
+            max over the group's query heads).
+        valid_pages: ``[B]``: pages at or past it (the current page, fillers) score -inf, so only complete pages,
+            whose slots all hold keys, are read.
+
+    Returns:
+        ``[B, Hq or Hkv, C]`` float32.
+    """
+    b, hq, d = query.shape
+    hkv, s = key.shape[1], key.shape[2]
+    group = hq // hkv
+    heads, c = candidates.shape[1], candidates.shape[2]
+    pages = candidates.long()
+    ok = (pages >= 0) & (pages < valid_pages.to(query.device).long().view(b, 1, 1))  # [B, H, C]
+    slots = pad.to(query.device).long().view(b, 1, 1, 1) + pages[..., None] * page_size
+    slots = (slots + torch.arange(page_size, device=query.device)).clamp(0, s - 1).view(b, heads, c * page_size)
+    kv_head = torch.arange(heads, device=query.device) // (1 if share_gqa_group else group)
+    rows = torch.arange(b, device=query.device).view(b, 1, 1)
+    picked = key[rows, kv_head.view(1, heads, 1), slots].float()  # [B, H, C·P, D]: only the candidates' keys
+    if share_gqa_group:
+        logits = torch.einsum("bhgd,bhsd->bhgs", query.float().view(b, hkv, group, d), picked).amax(2)
+    else:
+        logits = torch.einsum("bhd,bhsd->bhs", query.float(), picked)
+    out = logits.view(b, heads, c, page_size).amax(-1)
+    return out.masked_fill(~ok, float("-inf"))
