@@ -249,6 +249,31 @@ def test_top_pages_bounded_search_matches_reference(kind, nan_empty):
         assert torch.equal(scores.gather(1, got).sort(-1).values, scores.topk(k, dim=-1).values.sort(-1).values)
 
 
+@pytest.mark.parametrize("share", [False, True], ids=["per-head", "shared"])
+@pytest.mark.parametrize(("hq", "hkv", "page", "cands"), [(6, 2, 4, 5), (3, 3, 16, 37), (8, 1, 8, 17)],
+                         ids=["gqa3-p4", "mha-p16", "mqa-p8"])
+def test_candidate_page_max_triton_matches_reference(hq, hkv, page, cands, share, nan_empty):
+    """Quest's rerank: the true largest logit of shortlisted pages. Keys past the filled slots are NaN (a
+    fixed-capacity buffer): only complete pages may be read; -1 and pages at or past the row's last score -inf."""
+    g = torch.Generator().manual_seed(hq * page + cands)
+    b, d, s, filled = 2, 32, 120, 97
+    pad = torch.tensor([0, 7])
+    key = torch.full((b, hkv, s, d), float("nan"))
+    key[:, :, :filled] = torch.randn(b, hkv, filled, d, generator=g)
+    q = torch.randn(b, hq, d, generator=g)
+    valid = (filled - pad + page - 1) // page - 1
+    heads = hkv if share else hq
+    pages = -(-s // page)
+    cand = torch.stack([torch.randperm(pages, generator=g)[:cands] for _ in range(b * heads)]).view(b, heads, -1)
+    cand[0, 0, 0] = -1
+    q, key, pad, cand, valid = (t.to(DEVICE) for t in (q, key, pad, cand, valid))
+    want = score_ref.candidate_page_max(q, key, pad, page, cand, valid, share)
+    got = score_tri.candidate_page_max(q, key, pad, page, cand, valid, share)
+    assert not got.isnan().any() and torch.equal(torch.isinf(got), torch.isinf(want))
+    finite = torch.isfinite(want)
+    torch.testing.assert_close(got[finite], want[finite], rtol=1e-5, atol=1e-5)
+
+
 @pytest.mark.parametrize("config", [
     {"block_p": 16, "warps": 4, "stages": 1, "waves": 0},
     {"block_p": 16, "warps": 4, "stages": 2, "waves": 1},

@@ -40,8 +40,8 @@ from pydantic import Field, field_validator, model_validator
 from torch import nn
 
 from attnkit.cache import PageBoundsLayer, page_bounds_layer_of
-from attnkit.kernels.page_scores import page_scores, top_pages
-from attnkit.kernels.page_scores.reference import candidate_page_max, oracle_page_scores
+from attnkit.kernels.page_scores import candidate_page_max, page_scores, top_pages
+from attnkit.kernels.page_scores.reference import oracle_page_scores
 from attnkit.kernels.paged_decode import sparse_decode_attention
 from attnkit.method import DecodeLayer, Method
 from attnkit.registry import register
@@ -82,7 +82,7 @@ class Quest(Method):
         description="0: the paper's Quest. N: the bound shortlists its N best pages, then the shortlist is ranked "
         "by each page's true largest logit (reading the shortlist's keys, N·page_size per head) and the best "
         "token_budget/page_size - 1 are attended: the bound's misrankings inside the shortlist cost nothing (an "
-        "attnkit extension; reference implementation, no fused kernel yet)",
+        "attnkit extension; one Triton launch on a GPU, not yet timed)",
     )
     sink_pages: int = Field(
         0, ge=0,

@@ -72,4 +72,30 @@ def top_pages(scores: torch.Tensor, k: int) -> torch.Tensor:
     return reference.top_pages(scores, k)
 
 
-__all__ = ["page_scores", "top_pages"]
+def candidate_page_max(
+    query: torch.Tensor,
+    key: torch.Tensor,
+    pad: torch.Tensor,
+    page_size: int,
+    candidates: torch.Tensor,
+    valid_pages: torch.Tensor,
+    share_gqa_group: bool = False,
+) -> torch.Tensor:
+    """Dispatching entry point; see :func:`attnkit.kernels.page_scores.reference.candidate_page_max` (Triton for
+    CUDA inputs the score kernel supports, with a power-of-two page size up to 256)."""
+    args = (query, key, pad, page_size, candidates, valid_pages, share_gqa_group)
+    name = backend_name()
+    if name == "reference":
+        return reference.candidate_page_max(*args)
+    tri = _triton()
+    if name == "triton":
+        if tri is None:
+            raise RuntimeError("ATTNKIT_KERNELS=triton but Triton is not installed (pip install triton)")
+        return tri.candidate_page_max(*args)
+    if query.is_cuda and tri is not None and tri.supports(query, key) is None and key.dtype == query.dtype \
+            and page_size <= 256 and not page_size & (page_size - 1):
+        return tri.candidate_page_max(*args)
+    return reference.candidate_page_max(*args)
+
+
+__all__ = ["candidate_page_max", "page_scores", "top_pages"]

@@ -101,6 +101,97 @@ def _page_scores_kernel(
             tl.store(o_ptrs, s, mask=g_ok[:, None] & p_ok[None, :])
 
 
+@triton.jit
+def _candidate_max_kernel(
+    q_ptr, k_ptr, cand_ptr, pad_ptr, valid_ptr, out_ptr,
+    stride_qb, stride_qh,
+    stride_kb, stride_kh, stride_ks,
+    stride_cb, stride_ch,
+    stride_ob, stride_oh,
+    num_sel, num_cand,
+    GROUP: tl.constexpr, SHARE: tl.constexpr, BLOCK_G: tl.constexpr, PAGE: tl.constexpr, TILE: tl.constexpr,
+    D: tl.constexpr, BLOCK_C: tl.constexpr, IEEE: tl.constexpr,
+):
+    pid = tl.program_id(0)
+    b = pid // num_sel
+    hs = pid % num_sel
+    if SHARE:  # the group's query rows against KV head hs
+        hkv = hs
+        head0 = hs * GROUP
+        rows = GROUP
+    else:  # one query head against its KV head
+        hkv = hs // GROUP
+        head0 = hs
+        rows = 1
+    offs_g = tl.arange(0, BLOCK_G)
+    offs_d = tl.arange(0, D)
+    offs_t = tl.arange(0, TILE)
+    g_ok = offs_g < rows
+    q = tl.load(q_ptr + b * stride_qb + (head0 + offs_g)[:, None] * stride_qh + offs_d[None, :], mask=g_ok[:, None],
+                other=0.0)
+    if IEEE:
+        q = q.to(tl.float32)
+    pad = tl.load(pad_ptr + b)
+    valid = tl.load(valid_ptr + b)
+    k_base = k_ptr + b.to(tl.int64) * stride_kb + hkv.to(tl.int64) * stride_kh
+    c_base = cand_ptr + b.to(tl.int64) * stride_cb + hs.to(tl.int64) * stride_ch
+    o_base = out_ptr + b.to(tl.int64) * stride_ob + hs.to(tl.int64) * stride_oh
+    for i in range(BLOCK_C):
+        c = tl.program_id(1) * BLOCK_C + i
+        if c < num_cand:
+            # The page index broadcast over the tile's slots (a vector: the interpreter rejects masks built from a
+            # scalar). Only complete pages (before the row's last) are read: their slots all hold keys.
+            page = tl.load(c_base + c + offs_t * 0).to(tl.int32)
+            ok = (offs_t < PAGE) & (page >= 0) & (page < valid)
+            slot = (pad + page * PAGE + offs_t).to(tl.int64)
+            k = tl.load(k_base + slot[:, None] * stride_ks + offs_d[None, :], mask=ok[:, None], other=0.0)
+            if IEEE:
+                s = tl.dot(q, tl.trans(k.to(tl.float32)), input_precision="ieee")
+            else:
+                s = tl.dot(q, tl.trans(k))
+            s = tl.where(g_ok[:, None] & ok[None, :], s, float("-inf"))
+            tl.store(o_base + c, tl.max(tl.max(s, axis=1), axis=0))
+
+
+def candidate_page_max(
+    query: torch.Tensor,
+    key: torch.Tensor,
+    pad: torch.Tensor,
+    page_size: int,
+    candidates: torch.Tensor,
+    valid_pages: torch.Tensor,
+    share_gqa_group: bool = False,
+) -> torch.Tensor:
+    """See :func:`attnkit.kernels.page_scores.reference.candidate_page_max`: one program per (row, selection head) and
+    block of candidates, each page's keys read once as one tile (tensor-core dot with the group's query rows)."""
+    b, hq, d = query.shape
+    hkv = key.shape[1]
+    group = hq // hkv
+    if query.stride(-1) != 1:
+        query = query.contiguous()
+    if key.stride(-1) != 1:
+        key = key.contiguous()
+    heads, num_cand = candidates.shape[1], candidates.shape[2]
+    out = torch.empty(b, heads, num_cand, dtype=torch.float32, device=query.device)
+    if num_cand == 0:
+        return out
+    block_c = 16
+    share = share_gqa_group and group > 1
+    _candidate_max_kernel[(b * heads, triton.cdiv(num_cand, block_c))](
+        query, key, candidates, pad.to(device=query.device, dtype=torch.int32),
+        valid_pages.to(device=query.device, dtype=torch.int32), out,
+        query.stride(0), query.stride(1),
+        key.stride(0), key.stride(1), key.stride(2),
+        candidates.stride(0), candidates.stride(1),
+        out.stride(0), out.stride(1),
+        heads, num_cand,
+        GROUP=group, SHARE=share, BLOCK_G=max(16, triton.next_power_of_2(group)) if share else 16, PAGE=page_size,
+        TILE=max(16, page_size), D=d, BLOCK_C=block_c, IEEE=INTERPRET or query.dtype == torch.float32,
+        num_warps=4,
+    )
+    return out
+
+
 def supports(query: torch.Tensor, page_min: torch.Tensor) -> str | None:
     """None when the kernel handles these inputs, else why not (the dispatcher then runs the reference)."""
     d = query.shape[-1]
