@@ -65,12 +65,13 @@ BATCHES = [1, 8]
 DEVICE = "cuda"  # a CPU smoke run of this script (tests) sets "cpu" with the Triton interpreter
 
 
-def _setup(batch: int, length: int, page: int, budget: int, share: bool, dtype: torch.dtype, int8: bool = False):
+def _setup(batch: int, length: int, page: int, budget: int, share: bool, dtype: torch.dtype, int8: bool = False,
+           rerank: int = 0):
     from attnkit.sparsify.quest import Quest, QuestDecode
 
     g = torch.Generator(device=DEVICE).manual_seed(length + batch)
     method = Quest(page_size=page, token_budget=budget, dense_layers=[], share_gqa_group=share,
-                   bounds_dtype="int8" if int8 else "model")
+                   bounds_dtype="int8" if int8 else "model", rerank_pages=rerank)
     cache = method.make_cache_layer(0)
     # [B, S, H, D] storage viewed as [B, H, S, D], as transformers produces them.
     k = torch.randn(batch, length - 1, HKV, D, generator=g, device=DEVICE, dtype=dtype).transpose(1, 2)
@@ -112,6 +113,28 @@ def check_point(decode, cache, q, key, value, scale: float) -> dict:
             "step_rel_err": step_err, "ok": ok}
 
 
+def check_rerank(decode, q, key, value, scale: float) -> dict:
+    """A rerank step against the same step with every kernel replaced by its PyTorch reference: the same pages and
+    the same output."""
+    import os
+
+    out = decode.attend(q, key, value, None, scale)[:, :, 0]
+    pages = decode.last_pages.long().sort(-1).values
+    previous = os.environ.get("ATTNKIT_KERNELS")
+    os.environ["ATTNKIT_KERNELS"] = "reference"
+    try:
+        want = decode.attend(q, key, value, None, scale)[:, :, 0]
+        want_pages = decode.last_pages.long().sort(-1).values
+    finally:
+        if previous is None:
+            del os.environ["ATTNKIT_KERNELS"]
+        else:
+            os.environ["ATTNKIT_KERNELS"] = previous
+    hits = (pages[..., :, None] == want_pages[..., None, :]).any(-1).float().mean().item()
+    err = rel_err(out, want)
+    return {"selection_agreement": hits, "step_rel_err": err, "ok": hits >= 0.999 and err < 1e-2}
+
+
 def _bounds(cache) -> tuple[tuple[torch.Tensor, torch.Tensor], torch.Tensor | None]:
     """The bounds Quest scores from: ``((min, max), None)`` or, with ``bounds_dtype: int8``, the 8-bit copy and its
     scales."""
@@ -121,7 +144,9 @@ def _bounds(cache) -> tuple[tuple[torch.Tensor, torch.Tensor], torch.Tensor | No
     return (cache.page_min[:, :, :pages], cache.page_max[:, :, :pages]), None
 
 
-def bench_point(batch: int, length: int, page: int, budget: int, dtype: torch.dtype, int8: bool = True) -> dict:
+def bench_point(
+    batch: int, length: int, page: int, budget: int, dtype: torch.dtype, int8: bool = True, rerank: int = 0
+) -> dict:
     point: dict = {"batch": batch, "length": length, "page_size": page, "token_budget": budget}
     point.update(_bench_baselines(batch, length, page, budget, dtype))
     for bits in (False, True) if int8 else (False,):
@@ -130,6 +155,10 @@ def bench_point(batch: int, length: int, page: int, budget: int, dtype: torch.dt
             point[name] = _bench_quest(batch, length, page, budget, share, dtype, point, bits)
             if DEVICE == "cuda":
                 torch.cuda.empty_cache()
+    if rerank:  # the bound shortlists ``rerank`` pages, their true largest logits choose (shared, int8)
+        point[f"quest-shared-int8-rerank{rerank}"] = _bench_quest(
+            batch, length, page, budget, True, dtype, point, True, rerank=rerank
+        )
     return point
 
 
@@ -153,14 +182,15 @@ def _bench_baselines(batch: int, length: int, page: int, budget: int, dtype: tor
 
 
 def _bench_quest(
-    batch: int, length: int, page: int, budget: int, share: bool, dtype: torch.dtype, point: dict, int8: bool = False
+    batch: int, length: int, page: int, budget: int, share: bool, dtype: torch.dtype, point: dict, int8: bool = False,
+    rerank: int = 0,
 ) -> dict:
     from attnkit.kernels.page_scores import page_scores, top_pages
     from attnkit.kernels.paged_decode import sparse_decode_attention
 
     scale = D**-0.5
-    decode, cache, q, key, value = _setup(batch, length, page, budget, share, dtype, int8)
-    check = check_point(decode, cache, q, key, value, scale)
+    decode, cache, q, key, value = _setup(batch, length, page, budget, share, dtype, int8, rerank)
+    check = check_rerank(decode, q, key, value, scale) if rerank else check_point(decode, cache, q, key, value, scale)
     entry: dict = {"check": check}
     if not check["ok"]:
         return entry
@@ -553,6 +583,8 @@ def main(argv: list[str] | None = None) -> dict:
     ap.add_argument("--batches", default="1,8")
     ap.add_argument("--page-size", type=int, default=16)
     ap.add_argument("--token-budget", type=int, default=2048)
+    ap.add_argument("--rerank-pages", type=int, default=0, help="part 1 also times Quest with rerank_pages (shared, "
+                    "int8): the bound shortlists this many pages, their true largest logits choose")
     ap.add_argument("--model-layers", type=int, default=32, help="layers of the TPOT model (0: skip part 2)")
     ap.add_argument("--model-length", default="128k")
     ap.add_argument("--model-batch", type=int, default=1, help="rows of the TPOT model's batch")
@@ -596,7 +628,8 @@ def main(argv: list[str] | None = None) -> dict:
                     print(json.dumps(r), flush=True)
                 out.write_text(json.dumps(result, indent=1))
                 continue
-            point = bench_point(batch, length, args.page_size, args.token_budget, torch.bfloat16)
+            point = bench_point(batch, length, args.page_size, args.token_budget, torch.bfloat16,
+                                rerank=args.rerank_pages)
             result["points"].append(point)
             print(json.dumps({k: v for k, v in point.items()}, default=str), flush=True)
             out.write_text(json.dumps(result, indent=1))
