@@ -19,6 +19,8 @@
 #              MODEL=random:llama3-8b:32 for a model that is sharded for real; STEPS, SEQ override 30 × 4096 tokens
 #   quest      Quest: GPU kernel tests, then benchmarks.quest (decode attention at 32K/64K/128K, batch 1 and 8, vs
 #              dense SDPA and a naive gather; time per output token of a random 32-layer Llama-3-8B at 128K)
+#   quest-graph  Quest's CUDA-graph decode: GPU tests of generate_graphed and the rerank kernel, TPOT of real
+#              generation (attnkit.generate_graphed) per variant at b1/128K, part 1 with --rerank-pages 256
 #   quest-smol benchmarks.quality of Quest on the embedded model, 4K/8K, budgets 256/512/1024 (+1024 GQA-shared)
 #   quest-qwen benchmarks.quality of Quest on qwen, 16K/32K, budgets 1024/2048
 #   conversion benchmarks.conversion quality on the embedded model (SmolLM2 GGUF staged) and tiny-qwen2, fp32:
@@ -117,6 +119,15 @@ case "$stage" in
   quest)
     python3 -m pytest -q -x -p no:cacheprovider tests/test_quest_kernels.py 2>&1 | tail -5
     python3 -m benchmarks.quest --out "$OUT" 2>&1 | tail -30
+    ;;
+  quest-graph)
+    # The fixed-capacity cache and generate_graphed (decode replayed from a CUDA graph while the context advances),
+    # the rerank kernel, then real generation timed per variant (b1, 128K) and part 1 with a reranked shortlist.
+    python3 -m pytest -q -x -p no:cacheprovider tests/test_quest.py -k "graphed or fixed_capacity or rerank" 2>&1 | tail -5
+    python3 -m pytest -q -x -p no:cacheprovider tests/test_quest_kernels.py -k "candidate or device" 2>&1 | tail -5
+    python3 -m benchmarks.quest --lengths "" --model-layers 32 --model-length 128k --new-tokens 16 \
+      --sdpa-backends flash --generate-graphed --out "$OUT" 2>&1 | grep -v Warning | tail -14
+    python3 -m benchmarks.quest --lengths 128k --batches 1,8 --rerank-pages 256 --no-model --out "$OUT" 2>&1 | tail -6
     ;;
   quest-smol)
     python3 -m benchmarks.quality --model "$SMOL" --dtype bfloat16 \
