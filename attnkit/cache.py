@@ -153,7 +153,7 @@ class PageBoundsLayer(DynamicLayer):
         self.min_pad = 0  # min over rows of pad, on the host (how many pages the longest row has)
         self._pad_host: list[int] = []
         self.length_t: torch.Tensor | None = None  # [1] int64 on the device, = length (fixed capacity only)
-        self.all_pages: torch.Tensor | None = None  # [1, 1, page capacity - 1]: every page listed (dense decode)
+        self.all_pages: torch.Tensor | None = None  # [1, 1, capacity pages]: every page listed (fixed-capacity dense)
 
     def make_static(self, max_cache_len: int) -> None:
         """Fix the capacity at ``max_cache_len`` slots (padding included): allocated once on the first update, decode

@@ -9,9 +9,9 @@ minimum ``m`` and maximum ``M``, updated as tokens arrive. At each decode step, 
    rounded outward (still an upper bound; half the bytes of bf16 bounds: an attnkit extension, not in the paper);
 2. **select** the ``token_budget / page_size - 1`` best pages among the complete ones (``top_pages``: a one-launch
    Triton selection on a GPU, ``torch.topk`` elsewhere) plus the current, last page, which is always attended (as
-   in Quest's kernels). With ``rerank_pages: N`` (an attnkit extension) the bound only shortlists its N best pages, and the shortlist
-   is ranked by each page's true largest logit (its keys read: N·page_size per head), which undoes the bound's
-   misrankings inside the shortlist;
+   in Quest's kernels). With ``rerank_pages: N`` (an attnkit extension) the bound only shortlists its N best
+   pages, and the shortlist is ranked by each page's true largest logit (its keys read: N·page_size per head),
+   which undoes the bound's misrankings inside the shortlist;
 3. **attend** to the selected pages only (:func:`attnkit.kernels.paged_decode.sparse_decode_attention`, split-K).
 
 A fixed-capacity cache (``attnkit.make_cache(model, max_cache_len=N)``, what :func:`attnkit.generate_graphed`
