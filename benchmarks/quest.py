@@ -4,6 +4,9 @@
     python -m benchmarks.quest --lengths 32k --batches 1 --no-model
     python -m benchmarks.quest --model-layers 32 --model-length 128k   # + time per output token, random 8B model
     python -m benchmarks.quest --kernel-report                    # compile for sm_90 here: registers, spills
+    python -m benchmarks.quest --sweep-top-pages --lengths 128k --no-model   # the top-page searches x warps
+    python -m benchmarks.quest --lengths 128k --rerank-pages 256 --no-model   # + Quest with a reranked shortlist
+    python -m benchmarks.quest --lengths "" --generate-graphed    # + real generation replayed from a CUDA graph
 
 Part 1, one attention layer (32 query / 8 KV heads, head_dim 128, bf16; page 16, budget 2048 tokens), per context
 length and batch, in one process:
