@@ -387,7 +387,8 @@ def test_padded_batch_equals_unpadded():
     {"share_gqa_group": True, "bounds_dtype": "int8", "sink_pages": 1},
     {"token_budget": 256},
     {"rerank_pages": 5, "sink_pages": 1},
-], ids=["sparse", "shared-int8-sink", "budget-holds-all", "rerank-sink"])
+    {"scoring": "oracle"},
+], ids=["sparse", "shared-int8-sink", "budget-holds-all", "rerank-sink", "oracle"])
 @pytest.mark.parametrize("pads", [[0, 0], [0, 5]], ids=["unpadded", "padded"])
 def test_generate_graphed_eager_steps_equal_generate(tiny, pads, settings, monkeypatch):
     """The fixed-capacity steps (device-side length, whole buffers, scores over the capacity) pick the tokens

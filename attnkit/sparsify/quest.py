@@ -193,12 +193,19 @@ class QuestDecode(DecodeLayer):
         if cache.num_pages() <= method.page_budget:
             self.last_pages = None
             return None  # every page of every row fits: dense attention, exactly
-        p = method.page_size
-        pages = cache.num_pages()
         query = query[:, :, 0]
-        # Pages before each row's last page compete; the last page (index last_page) is always attended.
+        chosen = self._choose_pages(query, key, cache, cache.num_pages())
+        out = sparse_decode_attention(query, key, value, chosen, method.page_size, cache.pad, scale)
+        return out[:, :, None]
+
+    def _choose_pages(self, query: torch.Tensor, key: torch.Tensor, cache: PageBoundsLayer, pages: int):
+        """The pages to attend besides each row's last one: ``[B, Hq or Hkv, page_budget - 1]``, chosen among the
+        first ``pages`` pages of the bounds (pages at or past a row's last page score -inf: fillers), kept in
+        ``last_pages``. ``query``: ``[B, Hq, D]``."""
+        method = self.method
         if method.scoring == "oracle":
-            scores = oracle_page_scores(query, key, cache.pad, p, pages, cache.last_page, method.share_gqa_group)
+            scores = oracle_page_scores(query, key, cache.pad, method.page_size, pages, cache.last_page,
+                                        method.share_gqa_group)
         elif cache.int8_bounds:
             scores = page_scores(
                 query, cache.page_min_int8[:, :, :pages], cache.page_max_int8[:, :, :pages], cache.last_page,
@@ -213,15 +220,13 @@ class QuestDecode(DecodeLayer):
             # Complete pages below sink_pages win every comparison; a row whose sink page is its current page
             # (valid < sink) leaves it alone, so no page is chosen twice.
             sink = torch.arange(pages, device=scores.device) < torch.clamp(
-                cache.last_page.to(scores.device), max=method.sink_pages
+                cache.last_page, max=method.sink_pages
             ).view(-1, 1, 1)
             scores = scores.masked_fill(sink, float("inf"))
         if method.rerank_pages:
             scores = self._rerank(scores, query, key, cache)
-        chosen = top_pages(scores, method.page_budget - 1)
-        self.last_pages = chosen
-        out = sparse_decode_attention(query, key, value, chosen, p, cache.pad, scale)
-        return out[:, :, None]
+        self.last_pages = top_pages(scores, method.page_budget - 1)
+        return self.last_pages
 
     def _rerank(self, scores: torch.Tensor, query: torch.Tensor, key: torch.Tensor, cache: PageBoundsLayer):
         """Keep the bound's ``rerank_pages`` best pages, scored again by their true largest logit (``[B, H, P]``
@@ -250,24 +255,8 @@ class QuestDecode(DecodeLayer):
                 cache.all_pages = torch.arange(capacity_pages, dtype=torch.int32, device=key.device).view(1, 1, -1)
             chosen = cache.all_pages.expand(key.shape[0], key.shape[1], -1)  # the last page is added by the kernel
             self.last_pages = None
-        else:
-            pages = cache.page_min.shape[2]
-            if method.scoring == "oracle":
-                raise ValueError("scoring: oracle reads every key and is not supported with a fixed-capacity cache")
-            if cache.int8_bounds:
-                scores = page_scores(query, cache.page_min_int8, cache.page_max_int8, cache.last_page,
-                                     method.share_gqa_group, cache.page_scale)
-            else:
-                scores = page_scores(query, cache.page_min, cache.page_max, cache.last_page, method.share_gqa_group)
-            if method.sink_pages:
-                sink = torch.arange(pages, device=scores.device) < torch.clamp(
-                    cache.last_page, max=method.sink_pages
-                ).view(-1, 1, 1)
-                scores = scores.masked_fill(sink, float("inf"))
-            if method.rerank_pages:
-                scores = self._rerank(scores, query, key, cache)
-            chosen = top_pages(scores, method.page_budget - 1)
-            self.last_pages = chosen
+        else:  # over the whole capacity's bounds
+            chosen = self._choose_pages(query, key, cache, cache.page_min.shape[2])
         out = sparse_decode_attention(query, key, value, chosen, p, cache.pad, scale, seq_len=cache.length_t)
         return out[:, :, None]
 
