@@ -322,6 +322,8 @@ def model_tpot(
     sdpa_backends: tuple[str, ...] = ("default", "flash"),
     graph: bool = True,
     generate_graphed: bool = False,
+    only: tuple[str, ...] = (),
+    profile_graph: int = 0,
 ) -> dict:
     from transformers import DynamicCache
 
@@ -340,6 +342,11 @@ def model_tpot(
         "quest-shared-int8": {"method": "quest", "page_size": page, "token_budget": budget, "dense_layers": [0, 1],
                               "bounds_dtype": "int8", "share_gqa_group": True},
     }
+    if only:
+        unknown = set(only) - set(variants)
+        if unknown:
+            raise ValueError(f"unknown --variants {sorted(unknown)}; known: {list(variants)}")
+        variants = {name: step for name, step in variants.items() if name in only}
     # SDPA's backend matters at decode: on an H100 with torch 2.11, the default picks cuDNN, which rebuilds its
     # execution plan whenever the key length changes, i.e. at every decode step (~5 ms of host time per call, seen
     # in this benchmark's profile); "-flash" variants pin FlashAttention (memory-efficient as fallback), what a
@@ -371,7 +378,9 @@ def model_tpot(
             key = f"{name}-graph"
             try:
                 with sdpa_kernel([SDPBackend.FLASH_ATTENTION, SDPBackend.EFFICIENT_ATTENTION]):
-                    out[f"{key}_ms_per_token"] = _time_decode_graph(model, cache, token)
+                    out[f"{key}_ms_per_token"] = _time_decode_graph(
+                        model, cache, token, profile_replays=profile_graph, profile_out=out, key=key
+                    )
                 print(f"  {key}: {out[f'{key}_ms_per_token']:.2f} ms/token", flush=True)
             except Exception as e:  # a host sync in the step makes capture fail: reported, not fatal
                 out[f"{key}_error"] = f"{type(e).__name__}: {str(e)[:300]}"
@@ -416,11 +425,14 @@ def model_tpot(
     return out
 
 
-def _time_decode_graph(model, cache, token, rep_ms: float = 500) -> float:
+def _time_decode_graph(
+    model, cache, token, rep_ms: float = 500, profile_replays: int = 0, profile_out: dict | None = None, key: str = ""
+) -> float:
     """Median ms of one decode step replayed from a CUDA graph: the step's GPU time without Python and launch
     overhead, how serving engines run decode. The step is captured once at the current context; every replay redoes
     that step (the same token written to the same cache slot, its page's bounds folded again), so the context stays
-    put while timing: the time per output token at this context. ``token``: [B, 1]."""
+    put while timing: the time per output token at this context. ``token``: [B, 1]. ``profile_replays``: also list
+    the graph's kernels over that many replays (``profile_out[key + "_graph_kernels"]``)."""
     static = token.clone()
     stream = torch.cuda.Stream()
     stream.wait_stream(torch.cuda.current_stream())
@@ -431,8 +443,40 @@ def _time_decode_graph(model, cache, token, rep_ms: float = 500) -> float:
     with torch.cuda.graph(graph):
         model(input_ids=static, past_key_values=cache, use_cache=True)
     ms = bench_ms(graph.replay, warmup_ms=50, rep_ms=rep_ms)
+    if profile_replays:
+        profile_out[f"{key}_graph_kernels"] = _profile_graph(graph, profile_replays, ms, key)
     del graph
     return ms
+
+
+def _profile_graph(graph, replays: int, step_ms: float, key: str) -> dict:
+    """The kernels of one replayed decode step, from CUPTI (torch.profiler sees the kernels inside a CUDA graph):
+    per kernel name its launches and device µs per step, and how much of the step is kernel time at all (the rest:
+    the gaps between the graph's kernels)."""
+    from torch.profiler import ProfilerActivity, profile
+
+    torch.cuda.synchronize()
+    with profile(activities=[ProfilerActivity.CUDA]) as prof:
+        for _ in range(replays):
+            graph.replay()
+        torch.cuda.synchronize()
+    kernels: dict[str, list[float]] = {}
+    for e in prof.events():
+        if e.device_type == torch.autograd.DeviceType.CUDA and e.device_time_total > 0:
+            entry = kernels.setdefault(e.name, [0, 0.0])
+            entry[0] += 1
+            entry[1] += e.device_time_total
+    rows = sorted(
+        ({"kernel": name[:90], "per_step": n / replays, "us_per_step": us / replays} for name, (n, us) in kernels.items()),
+        key=lambda r: -r["us_per_step"],
+    )
+    total_us = sum(r["us_per_step"] for r in rows)
+    launches = sum(r["per_step"] for r in rows)
+    print(f"--- {key}: {launches:.0f} kernels per step, {total_us:.0f} µs of kernel time in a {1e3 * step_ms:.0f} µs "
+          f"step ({1e3 * step_ms - total_us:.0f} µs between kernels)")
+    for r in rows[:30]:
+        print(f"  {r['us_per_step']:9.1f} µs  {r['per_step']:6.1f}x  {r['kernel']}")
+    return {"kernels_per_step": launches, "kernel_us_per_step": total_us, "step_us": 1e3 * step_ms, "rows": rows}
 
 
 def _time_decode(model, cache, token, warmup: int, new_tokens: int):
@@ -605,6 +649,10 @@ def main(argv: list[str] | None = None) -> dict:
     ap.add_argument("--sweep-top-pages", action="store_true", help="the sweep's top-page rows only")
     ap.add_argument("--profile-steps", type=int, default=0, help="also profile this many decode steps of each TPOT "
                     "variant (torch.profiler: top device kernels and host ops)")
+    ap.add_argument("--variants", default="", help="TPOT variants to run (comma-separated; default all: dense, "
+                    "dense-buffered, quest, quest-int8, quest-shared-int8)")
+    ap.add_argument("--profile-graph", type=int, default=0, help="also list the kernels of each CUDA-graph step "
+                    "over this many replays (torch.profiler: launches and device µs per step, time between kernels)")
     ap.add_argument("--kernel-report", action="store_true", help="only compile the kernels for sm_90 and print their "
                     "registers/spills (any machine, no GPU needed)")
     args = ap.parse_args(argv)
@@ -642,7 +690,9 @@ def main(argv: list[str] | None = None) -> dict:
                                      args.page_size, args.new_tokens, warmup=4, prefill_chunk=args.prefill_chunk,
                                      profile_steps=args.profile_steps, batch=args.model_batch,
                                      sdpa_backends=tuple(args.sdpa_backends.split(",")), graph=not args.no_graph,
-                                     generate_graphed=args.generate_graphed)
+                                     generate_graphed=args.generate_graphed,
+                                     only=tuple(v for v in args.variants.split(",") if v),
+                                     profile_graph=args.profile_graph)
         out.write_text(json.dumps(result, indent=1))
     if result["points"] or result.get("model"):
         print(markdown(result))

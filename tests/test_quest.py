@@ -142,14 +142,14 @@ def test_cache_batch_ops_and_crop_keep_bounds_consistent():
 
 
 # ---------------------------------------------------------------------------------------------- selection
-@pytest.mark.parametrize("scoring", ["bound", "int8", "oracle"])
+@pytest.mark.parametrize("scoring", ["bound", "int8", "oracle", "slack"])
 @pytest.mark.parametrize("share", [False, True], ids=["per-head", "shared"])
 @pytest.mark.parametrize("backend", ["reference", "triton"])
 def test_chosen_pages_and_output_equal_the_reference(share, backend, scoring, monkeypatch):
     """A decode step after a padded prefill: the chosen pages are the top pages of the brute-force scores (the
     bounds' ``Σ max(q·M, q·m)``, the same from the bounds' 8-bit copy with ``bounds_dtype: int8``, or with
-    ``scoring: oracle`` each page's largest true logit), the output is softmax attention over exactly those pages +
-    the last one."""
+    ``scoring: oracle`` each page's largest true logit, or ``q·c + slack·|q|·r`` with ``bound_slack``), the output is
+    softmax attention over exactly those pages + the last one."""
     if backend == "triton":
         pytest.importorskip("triton")
         if torch.cuda.is_available():
@@ -160,6 +160,7 @@ def test_chosen_pages_and_output_equal_the_reference(share, backend, scoring, mo
     method = Quest(
         page_size=page, token_budget=16, dense_layers=[], share_gqa_group=share,
         scoring="oracle" if scoring == "oracle" else "bound", bounds_dtype="int8" if scoring == "int8" else "model",
+        bound_slack=0.4 if scoring == "slack" else 1.0,
     )
     decode = QuestDecode(method, 0, dense=False)
     cache = method.make_cache_layer(0)
@@ -184,6 +185,12 @@ def test_chosen_pages_and_output_equal_the_reference(share, backend, scoring, mo
             exact = score_ref.page_scores(q1[:, :, 0], lo, hi, valid, share)
             finite = torch.isfinite(exact)
             assert (scores[finite] >= exact[finite] - 1e-5).all()  # still an upper bound
+        elif scoring == "slack":  # brute force: the range's centre logit + 0.4 of the bound's slack
+            qk = q1[:, :, 0].view(b, hkv, hq // hkv, 1, d)
+            c, r = ((hi + lo) / 2)[:, :, None], ((hi - lo) / 2)[:, :, None]
+            scores = (qk * c).sum(-1) + 0.4 * (qk.abs() * r).sum(-1)
+            scores = scores.masked_fill(torch.arange(scores.shape[-1]) >= valid.view(b, 1, 1, 1), float("-inf"))
+            scores = scores.amax(2) if share else scores.reshape(b, hq, -1)
         else:
             scores = score_ref.page_scores(q1[:, :, 0], lo, hi, valid, share)
         want = scores.topk(method.page_budget - 1, dim=-1).indices
@@ -538,6 +545,8 @@ def test_composes_with_a_prefill_method(tiny):
         ({"scoring": "exact"}, "bound"),
         ({"rerank_pages": 1}, "shortlist must hold"),
         ({"rerank_pages": 8, "scoring": "oracle"}, "already ranks every page"),
+        ({"bound_slack": 1.5}, "less than or equal to 1"),
+        ({"bound_slack": 0.5, "scoring": "oracle"}, "reads the true logits"),
     ],
 )
 def test_bad_settings_fail_clearly(settings, message):

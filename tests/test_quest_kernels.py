@@ -390,6 +390,56 @@ def test_page_scores_int8_triton_matches_reference(case, dtype, share, nan_empty
     assert (want[finite] >= exact[finite] - 1e-4).all()
 
 
+@pytest.mark.parametrize("slack", [0.0, 0.5])
+@pytest.mark.parametrize("int8", [False, True], ids=["bounds", "int8-bounds"])
+@pytest.mark.parametrize("share", [False, True], ids=["per-head", "shared"])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=["fp32", "bf16"])
+@pytest.mark.parametrize("case", SCORE_CASES[1:3], ids=lambda c: "B{}-Hq{}-Hkv{}-P{}-D{}".format(*c))
+def test_page_scores_slack_triton_matches_reference(case, dtype, share, int8, slack, nan_empty):
+    """``slack`` < 1 (``q·c + slack·|q|·r``): the kernel's mixed query rows give the reference's scores (bf16: the
+    mixed rows are rounded once to bf16, so to bf16 precision) and the same top pages."""
+    b, hq, hkv, pages, d = case
+    if dtype == torch.bfloat16 and not CUDA:
+        dtype = torch.float32  # the interpreter's bf16 dot is wrong; bf16 runs on a GPU
+    g = torch.Generator().manual_seed(pages + int(10 * slack))
+    lo, hi = _wide_bounds(g, b, hkv, pages, d)
+    q = torch.randn(b, hq, d, generator=g).to(dtype).to(DEVICE)
+    valid = torch.randint(1, pages + 1, (b,), generator=g).to(DEVICE)
+    if int8:
+        bounds = [t.to(DEVICE) for t in bounds_ref.quantize_bounds(lo, hi)]
+    else:
+        bounds = [lo.to(dtype).to(DEVICE), hi.to(dtype).to(DEVICE), None]
+    want = score_ref.page_scores(q, bounds[0], bounds[1], valid, share, bounds[2], slack=slack)
+    got = score_tri.page_scores(q, bounds[0], bounds[1], valid, share, bounds[2], slack=slack)
+    assert torch.equal(torch.isinf(got), torch.isinf(want)) and not got.isnan().any()
+    finite = torch.isfinite(want)
+    tol = {"rtol": 1e-5, "atol": 1e-4} if dtype == torch.float32 else {"rtol": 2e-2, "atol": 2e-1}
+    torch.testing.assert_close(got[finite], want[finite], **tol)
+    if dtype == torch.float32:
+        k = max(1, int(valid.min()) // 2)
+        assert torch.equal(got.topk(k).indices.sort().values, want.topk(k).indices.sort().values)
+
+
+def test_page_scores_slack_definition():
+    """slack 1 is the bound itself; slack 0 is the logit of each channel range's centre; in between the score grows
+    linearly with slack, by |q|·r; and a slack outside [0, 1] is refused."""
+    g = torch.Generator().manual_seed(3)
+    q = torch.randn(1, 4, 8, generator=g)
+    keys = torch.randn(1, 2, 48, 8, generator=g)
+    lo, hi = _bounds(keys, [0], 16)
+    valid = torch.tensor([3])
+    bound = score_ref.page_scores(q, lo, hi, valid)
+    torch.testing.assert_close(score_ref.page_scores(q, lo, hi, valid, slack=1.0), bound)
+    qk = q.view(1, 2, 2, 1, 8)
+    centre = (qk * ((hi + lo) / 2)[:, :, None]).sum(-1).reshape(1, 4, 3)
+    spread = (qk.abs() * ((hi - lo) / 2)[:, :, None]).sum(-1).reshape(1, 4, 3)
+    torch.testing.assert_close(score_ref.page_scores(q, lo, hi, valid, slack=0.0), centre)
+    torch.testing.assert_close(score_ref.page_scores(q, lo, hi, valid, slack=0.3), centre + 0.3 * spread)
+    torch.testing.assert_close(bound, centre + spread)  # the bound = centre + the whole slack
+    with pytest.raises(ValueError, match="slack must be in"):
+        score_ref.page_scores(q, lo, hi, valid, slack=1.2)
+
+
 def test_page_scores_int8_input_errors():
     q = torch.randn(1, 2, 16)
     lo = torch.zeros(1, 1, 3, 16, dtype=torch.int8)

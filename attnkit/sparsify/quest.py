@@ -4,6 +4,8 @@ The cache (:class:`~attnkit.cache.PageBoundsLayer`) keeps, for every page of ``p
 minimum ``m`` and maximum ``M``, updated as tokens arrive. At each decode step, per layer:
 
 1. **score** every page with the upper bound of its attention logit, ``Σ_i max(q_i·M_i, q_i·m_i)``, per query head
+   (``bound_slack`` below 1, an attnkit extension: ``q·c + slack·|q|·r`` with the range's centre ``c`` and
+   half-width ``r``, a tighter estimate that is no longer a bound), per query head
    or, with ``share_gqa_group``, once per KV head (the max over the group's query heads: every head of the group
    then reads the same pages, so each page is read once per group); with ``bounds_dtype: int8`` from 8-bit bounds
    rounded outward (still an upper bound; half the bytes of bf16 bounds: an attnkit extension, not in the paper);
@@ -71,6 +73,13 @@ class Quest(Method):
         description="bound: Quest's page score Σ max(q·M, q·m) from the page bounds; oracle (a diagnostic that reads "
         "every key, no speedup): each page's true largest logit, the best any page scorer can select at this budget",
     )
+    bound_slack: float = Field(
+        1.0, ge=0.0, le=1.0,
+        description="1: Quest's bound Σ max(q·M, q·m) = q·c + |q|·r (c, r: each page's per-channel key range centre "
+        "and half-width). Below 1 (an attnkit extension) pages are ranked by q·c + bound_slack·|q|·r, which stops "
+        "pages whose keys merely spread widely from outranking the page that holds the largest logit (same bytes, "
+        "same kernel; benchmarks/quest_selection.py and RESULTS.md measure what it keeps)",
+    )
     bounds_dtype: Literal["model", "int8"] = Field(
         "model",
         description="model: page bounds in the keys' dtype (the paper); int8: scored from an 8-bit copy (one float32 "
@@ -117,6 +126,8 @@ class Quest(Method):
                 f"rerank_pages {self.rerank_pages} is below the pages chosen per step "
                 f"({self.token_budget // self.page_size - 1}): the shortlist must hold at least as many pages"
             )
+        if self.bound_slack != 1.0 and self.scoring == "oracle":
+            raise ValueError("bound_slack shapes the bound's score; scoring: oracle reads the true logits")
         if self.rerank_pages and self.scoring == "oracle":
             raise ValueError("rerank_pages re-ranks the bound's shortlist; scoring: oracle already ranks every page")
         if self.token_budget % self.page_size:
@@ -209,12 +220,12 @@ class QuestDecode(DecodeLayer):
         elif cache.int8_bounds:
             scores = page_scores(
                 query, cache.page_min_int8[:, :, :pages], cache.page_max_int8[:, :, :pages], cache.last_page,
-                method.share_gqa_group, cache.page_scale[:, :, :pages],
+                method.share_gqa_group, cache.page_scale[:, :, :pages], slack=method.bound_slack,
             )
         else:
             scores = page_scores(
                 query, cache.page_min[:, :, :pages], cache.page_max[:, :, :pages], cache.last_page,
-                method.share_gqa_group,
+                method.share_gqa_group, slack=method.bound_slack,
             )
         if method.sink_pages:
             # Complete pages below sink_pages win every comparison; a row whose sink page is its current page

@@ -35,9 +35,10 @@ def page_scores(
     valid_pages: torch.Tensor,
     share_gqa_group: bool = False,
     page_scale: torch.Tensor | None = None,
+    slack: float = 1.0,
 ) -> torch.Tensor:
     """Dispatching entry point; see :func:`attnkit.kernels.page_scores.reference.page_scores`."""
-    args = (query, page_min, page_max, valid_pages, share_gqa_group, page_scale)
+    args = (query, page_min, page_max, valid_pages, share_gqa_group, page_scale, slack)
     name = backend_name()
     if name == "reference":
         return reference.page_scores(*args)

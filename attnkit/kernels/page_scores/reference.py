@@ -6,6 +6,12 @@ query ``q`` the largest logit any key of the page can reach is bounded by
     score(page) = Σ_i max(q_i · M_i, q_i · m_i)
 
 (each term is the largest ``q_i · k_i`` over ``k_i ∈ [m_i, M_i]``). A decode step keeps the pages of highest score.
+
+Written with the centre ``c = (M + m) / 2`` and half-width ``r = (M - m) / 2`` of each channel's range, the bound is
+``q·c + Σ_i |q_i| r_i``: the centre's logit plus a slack that grows with the page's spread in the query's large
+channels. ``slack`` (an attnkit extension) scales that second term, ``q·c + slack · |q|·r``: 1 is Quest's bound,
+smaller values rank pages by a tighter estimate of their largest logit (no longer a bound) that is less swayed by
+pages whose keys merely spread widely (``benchmarks/quest_selection.py`` measures what each value keeps).
 """
 
 from __future__ import annotations
@@ -21,7 +27,10 @@ def check_inputs(
     page_max: torch.Tensor,
     valid_pages: torch.Tensor,
     page_scale: torch.Tensor | None = None,
+    slack: float = 1.0,
 ) -> None:
+    if not 0.0 <= slack <= 1.0:
+        raise ValueError(f"slack must be in [0, 1] (1: Quest's bound), got {slack}")
     if query.dim() != 3 or page_min.dim() != 4 or page_max.shape != page_min.shape:
         raise ValueError(
             f"expected query [B, Hq, D] and page_min/page_max [B, Hkv, pages, D] of one shape, got "
@@ -54,6 +63,7 @@ def page_scores(
     valid_pages: torch.Tensor,
     share_gqa_group: bool = False,
     page_scale: torch.Tensor | None = None,
+    slack: float = 1.0,
 ) -> torch.Tensor:
     """Quest's upper bound of each page's attention logit, per query head or per GQA group.
 
@@ -67,11 +77,12 @@ def page_scores(
             largest logit any head of the group can give the page), so the group shares one page selection.
         page_scale: ``[B, Hkv, P]`` float32, or None. Given, ``page_min``/``page_max`` are the 8-bit bounds of
             :func:`attnkit.kernels.page_bounds.quantize_bounds` and stand for ``page_scale · page_min`` etc.
+        slack: in [0, 1]; the score is ``q·c + slack · |q|·r`` (module docstring): 1, the default, is the bound.
 
     Returns:
         ``[B, Hq, P]`` float32 scores, or ``[B, Hkv, P]`` with ``share_gqa_group``.
     """
-    check_inputs(query, page_min, page_max, valid_pages, page_scale)
+    check_inputs(query, page_min, page_max, valid_pages, page_scale, slack)
     b, hq, d = query.shape
     hkv, pages = page_min.shape[1], page_min.shape[2]
     q = query.float().view(b, hkv, hq // hkv, 1, d)
@@ -82,7 +93,11 @@ def page_scores(
         if page_scale is not None:
             scale = page_scale[:, :, None, start : start + PAGE_CHUNK, None]
             hi, lo = hi * scale, lo * scale
-        out[..., start : start + PAGE_CHUNK] = torch.maximum(q * hi, q * lo).sum(-1)
+        if slack == 1.0:
+            out[..., start : start + PAGE_CHUNK] = torch.maximum(q * hi, q * lo).sum(-1)
+        else:
+            centre = q * (hi + lo) / 2
+            out[..., start : start + PAGE_CHUNK] = (centre + slack * q.abs() * (hi - lo) / 2).sum(-1)
     index = torch.arange(pages, device=query.device)
     out = out.masked_fill(index >= valid_pages.to(query.device).view(b, 1, 1, 1), float("-inf"))
     if share_gqa_group:

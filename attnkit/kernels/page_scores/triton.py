@@ -2,7 +2,9 @@
 :func:`attnkit.kernels.page_scores.reference.page_scores`.
 
 ``max(q_i·M_i, q_i·m_i)`` is ``q_i·M_i`` where ``q_i ≥ 0`` and ``q_i·m_i`` where ``q_i < 0`` (``M_i ≥ m_i``), so a
-page's score is two dot products, ``q⁺·M + q⁻·m`` with ``q⁺ = max(q, 0)`` and ``q⁻ = min(q, 0)``: tensor-core dots
+page's score is two dot products, ``q⁺·M + q⁻·m`` with ``q⁺ = max(q, 0)`` and ``q⁻ = min(q, 0)``. A ``slack`` below 1
+(``q·c + slack·|q|·r``, see the reference) is the same two dots with mixed query rows: ``(a q⁺ + b q⁻)·M +
+(b q⁺ + a q⁻)·m`` with ``a = (1 + slack) / 2``, ``b = (1 - slack) / 2``, at no extra cost. Tensor-core dots
 of the GQA group's query rows (padded to 16) by ``BLOCK_P`` pages of bounds, accumulated in fp32 (bf16/fp16 products
 are exact in fp32, so only the summation order differs from the reference). One program scores ``BLOCK_P`` pages of
 one (batch, KV head) for every query head of its group, so each bound is read from memory once per decode step:
@@ -46,9 +48,9 @@ def _page_scores_kernel(
     stride_bb, stride_bh, stride_bp,
     stride_ob, stride_oh,
     stride_sb, stride_sh,
-    num_kv_heads, num_pages, pages_per_program,
+    num_kv_heads, num_pages, pages_per_program, mix_a, mix_b,
     GROUP: tl.constexpr, BLOCK_G: tl.constexpr, BLOCK_P: tl.constexpr, D: tl.constexpr,
-    SHARE: tl.constexpr, IEEE: tl.constexpr, STAGES: tl.constexpr, INT8: tl.constexpr,
+    SHARE: tl.constexpr, IEEE: tl.constexpr, STAGES: tl.constexpr, INT8: tl.constexpr, MIX: tl.constexpr,
 ):
     pid = tl.program_id(0)
     b = pid // num_kv_heads
@@ -64,6 +66,10 @@ def _page_scores_kernel(
     zero = tl.zeros_like(q)
     q_pos = tl.where(q > 0, q, zero)  # where, not maximum: keeps bf16 (Triton 3.6's maximum promotes it to fp32)
     q_neg = tl.where(q > 0, zero, q)
+    if MIX:  # slack < 1: the rows that meet M and m mix both signs (rounded once to the query's dtype)
+        q_hi = (mix_a * q_pos.to(tl.float32) + mix_b * q_neg.to(tl.float32)).to(q.dtype)
+        q_lo = (mix_b * q_pos.to(tl.float32) + mix_a * q_neg.to(tl.float32)).to(q.dtype)
+        q_pos, q_neg = q_hi, q_lo
     valid = tl.load(valid_ptr + b)
     b_off = b.to(tl.int64) * stride_bb + hkv.to(tl.int64) * stride_bh
     first = tl.program_id(1) * pages_per_program
@@ -211,9 +217,10 @@ def page_scores(
     valid_pages: torch.Tensor,
     share_gqa_group: bool = False,
     page_scale: torch.Tensor | None = None,
+    slack: float = 1.0,
 ) -> torch.Tensor:
     """See :func:`attnkit.kernels.page_scores.reference.page_scores`."""
-    check_inputs(query, page_min, page_max, valid_pages, page_scale)
+    check_inputs(query, page_min, page_max, valid_pages, page_scale, slack)
     reason = supports(query, page_min)
     if reason is not None:
         raise ValueError(f"Triton page scoring does not support these inputs: {reason}")
@@ -228,7 +235,8 @@ def page_scores(
         return out
     if page_scale is not None and page_scale.stride(-1) != 1:
         page_scale = page_scale.contiguous()
-    _launch_scores(query, page_min, page_max, valid_pages, out, share_gqa_group, **score_config(d), page_scale=page_scale)
+    _launch_scores(query, page_min, page_max, valid_pages, out, share_gqa_group, **score_config(d), page_scale=page_scale,
+                   slack=slack)
     return out
 
 
@@ -255,7 +263,7 @@ def _sm_count(device: torch.device) -> int:
 
 
 def _launch_scores(
-    query, page_min, page_max, valid_pages, out, share, block_p, warps, stages, waves, page_scale=None
+    query, page_min, page_max, valid_pages, out, share, block_p, warps, stages, waves, page_scale=None, slack=1.0
 ) -> None:
     """Run the score kernel with explicit launch settings (``waves=0``: one tile per program); ``page_scale``:
     the bounds are int8 (see :func:`page_scores`)."""
@@ -278,9 +286,9 @@ def _launch_scores(
         page_min.stride(0), page_min.stride(1), page_min.stride(2),
         out.stride(0), out.stride(1),
         *(page_scale.stride()[:2] if int8 else (0, 0)),
-        hkv, pages, pages_per_program,
+        hkv, pages, pages_per_program, (1.0 + slack) / 2, (1.0 - slack) / 2,
         GROUP=group, BLOCK_G=max(16, triton.next_power_of_2(group)), BLOCK_P=block_p, D=d,
-        SHARE=share, IEEE=INTERPRET or query.dtype == torch.float32, STAGES=stages, INT8=int8,
+        SHARE=share, IEEE=INTERPRET or query.dtype == torch.float32, STAGES=stages, INT8=int8, MIX=slack != 1.0,
         num_warps=warps,
     )
 
