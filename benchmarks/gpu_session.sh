@@ -21,6 +21,9 @@
 #              dense SDPA and a naive gather; time per output token of a random 32-layer Llama-3-8B at 128K)
 #   quest-graph  Quest's CUDA-graph decode: GPU tests of generate_graphed and the rerank kernel, TPOT of real
 #              generation (attnkit.generate_graphed) per variant at b1/128K, part 1 with --rerank-pages 256
+#   quest-profile  the kernels of one CUDA-graph decode step (32 layers, b1, 128K: dense-buffered vs GQA-shared int8,
+#              --profile-graph: launches, device µs, time between kernels), then TPOT at BATCH rows (default 4; 128K at
+#              batch 4 needs an H200's memory: call with needs_h200) for the 2x TPOT goal
 #   quest-smol benchmarks.quality of Quest on the embedded model, 4K/8K, budgets 256/512/1024 (+1024 GQA-shared)
 #   quest-qwen benchmarks.quality of Quest on qwen, 16K/32K, budgets 1024/2048
 #   conversion benchmarks.conversion quality on the embedded model (SmolLM2 GGUF staged) and tiny-qwen2, fp32:
@@ -128,6 +131,13 @@ case "$stage" in
     python3 -m benchmarks.quest --lengths "" --model-layers 32 --model-length 128k --new-tokens 16 \
       --sdpa-backends flash --generate-graphed --out "$OUT" 2>&1 | grep -v Warning | tail -14
     python3 -m benchmarks.quest --lengths 128k --batches 1,8 --rerank-pages 256 --no-model --out "$OUT" 2>&1 | tail -6
+    ;;
+  quest-profile)
+    python3 -m benchmarks.quest --lengths "" --model-layers 32 --model-length 128k --new-tokens 8 --sdpa-backends flash \
+      --variants dense-buffered,quest-shared-int8 --profile-graph 3 --out "$OUT" 2>&1 | grep -v Warning | tail -80
+    python3 -m benchmarks.quest --lengths "" --model-layers 32 --model-length 128k --model-batch "${BATCH:-4}" \
+      --new-tokens 8 --sdpa-backends flash --variants dense-buffered,quest-shared-int8 --out "$OUT" 2>&1 \
+      | grep -v Warning | tail -12
     ;;
   quest-smol)
     python3 -m benchmarks.quality --model "$SMOL" --dtype bfloat16 \
