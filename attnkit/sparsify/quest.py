@@ -3,9 +3,9 @@
 The cache (:class:`~attnkit.cache.PageBoundsLayer`) keeps, for every page of ``page_size`` keys, their element-wise
 minimum ``m`` and maximum ``M``, updated as tokens arrive. At each decode step, per layer:
 
-1. **score** every page with the upper bound of its attention logit, ``Σ_i max(q_i·M_i, q_i·m_i)``, per query head
-   (``bound_slack`` below 1, an attnkit extension: ``q·c + slack·|q|·r`` with the range's centre ``c`` and
-   half-width ``r``, a tighter estimate that is no longer a bound), per query head
+1. **score** every page with the upper bound of its attention logit, ``Σ_i max(q_i·M_i, q_i·m_i)`` (with
+   ``bound_slack`` below 1, an attnkit extension: ``q·c + slack·|q|·r``, ``c`` and ``r`` the centre and half-width
+   of each channel's key range, a tighter estimate that is no longer a bound), per query head
    or, with ``share_gqa_group``, once per KV head (the max over the group's query heads: every head of the group
    then reads the same pages, so each page is read once per group); with ``bounds_dtype: int8`` from 8-bit bounds
    rounded outward (still an upper bound; half the bytes of bf16 bounds: an attnkit extension, not in the paper);
