@@ -32,43 +32,43 @@ from pathlib import Path
 import torch
 from transformers import AttentionInterface
 
+from attnkit.kernels.page_scores.reference import oracle_page_scores, page_scores
+
 RECORDER = "attnkit_selection_recorder"
 
 
-def page_summaries(key: torch.Tensor, page_size: int, pages: int) -> tuple[torch.Tensor, torch.Tensor]:
-    """Per-channel min and max of the first ``pages`` complete pages. ``key [Hkv, S, D]`` → two ``[Hkv, pages, D]``."""
-    k = key[:, : pages * page_size].float().view(key.shape[0], pages, page_size, key.shape[-1])
-    return k.amin(2), k.amax(2)
-
-
 def score_pages(scorer: str, query: torch.Tensor, key: torch.Tensor, page_size: int, pages: int) -> torch.Tensor:
-    """``query [Hq, D]``, ``key [Hkv, S, D]`` → ``[Hq, pages]`` scores of the first ``pages`` complete pages."""
-    hq, hkv = query.shape[0], key.shape[0]
-    q = query.float().view(hkv, hq // hkv, -1)  # [Hkv, G, D]
+    """``query [Hq, D]``, ``key [Hkv, S, D]`` → ``[Hq, pages]`` scores of the first ``pages`` complete pages, by
+    Quest's own references: :func:`~attnkit.kernels.page_scores.reference.oracle_page_scores`, or
+    :func:`~attnkit.kernels.page_scores.reference.page_scores` with ``slack`` (the bound: 1) over the pages' min/max."""
+    valid = torch.tensor([pages], device=query.device)
+    pad = torch.zeros(1, dtype=torch.int32, device=query.device)
     if scorer == "oracle":
-        k = key[:, : pages * page_size].float()
-        logits = torch.einsum("hgd,hsd->hgs", q, k)
-        return logits.view(hkv, -1, pages, page_size).amax(-1).reshape(hq, pages)
-    alpha = 1.0 if scorer == "bound" else float(scorer.split("=", 1)[1])
-    lo, hi = page_summaries(key, page_size, pages)
-    centre, radius = (hi + lo) / 2, (hi - lo) / 2
-    s = torch.einsum("hgd,hpd->hgp", q, centre) + alpha * torch.einsum("hgd,hpd->hgp", q.abs(), radius)
-    return s.reshape(hq, pages)
+        return oracle_page_scores(query[None], key[None], pad, page_size, pages, valid)[0]
+    slack = 1.0 if scorer == "bound" else float(scorer.split("=", 1)[1])
+    k = key[:, : pages * page_size].float().view(key.shape[0], pages, page_size, key.shape[-1])
+    return page_scores(query[None].float(), k.amin(2)[None], k.amax(2)[None], valid, slack=slack)[0]
 
 
-def mass_recall(query: torch.Tensor, key: torch.Tensor, scale: float, scorer: str, page_size: int,
+def attention_probs(query: torch.Tensor, key: torch.Tensor, scale: float) -> torch.Tensor:
+    """Dense decode attention weights: ``query [Hq, D]``, ``key [Hkv, S, D]`` → ``[Hq, S]`` (GQA: query head h reads
+    KV head h // (Hq / Hkv))."""
+    hq, hkv = query.shape[0], key.shape[0]
+    logits = torch.einsum("hgd,hsd->hgs", query.float().view(hkv, hq // hkv, -1), key.float())
+    return torch.softmax(logits.reshape(hq, -1) * scale, dim=-1)
+
+
+def mass_recall(probs: torch.Tensor, query: torch.Tensor, key: torch.Tensor, scorer: str, page_size: int,
                 budget: int) -> torch.Tensor | None:
     """Attention-mass recall per query head (``[Hq]``) of one decode step, or None when every page fits the budget.
-    ``query [Hq, D]`` (post-RoPE), ``key [Hkv, S, D]`` (the whole cache, the current token last)."""
-    hq, hkv, s = query.shape[0], key.shape[0], key.shape[1]
+    ``probs [Hq, S]`` (:func:`attention_probs`), ``query [Hq, D]`` (post-RoPE), ``key [Hkv, S, D]`` (the whole cache,
+    the current token last)."""
+    hq, s = probs.shape
     last = (s - 1) // page_size  # the current page: attended whatever the scores
     k = budget // page_size - 1
     if last <= k:
         return None
-    scores = score_pages(scorer, query, key, page_size, last)
-    chosen = scores.topk(k, dim=-1).indices  # [Hq, k]
-    logits = torch.einsum("hgd,hsd->hgs", query.float().view(hkv, hq // hkv, -1), key.float()).reshape(hq, s)
-    probs = torch.softmax(logits * scale, dim=-1)
+    chosen = score_pages(scorer, query, key, page_size, last).topk(k, dim=-1).indices  # [Hq, k]
     page_mass = probs[:, : last * page_size].view(hq, last, page_size).sum(-1)
     return page_mass.gather(-1, chosen).sum(-1) + probs[:, last * page_size :].sum(-1)
 
@@ -87,9 +87,10 @@ class Recorder:
         if query.shape[-2] == 1 and module.layer_idx not in self.dense_layers:
             scale = scaling if scaling is not None else query.shape[-1] ** -0.5
             for row in range(query.shape[0]):
+                probs = attention_probs(query[row, :, 0], key[row], scale)  # once per step, for every scorer
                 for p in self.page_sizes:
                     for scorer in self.scorers:
-                        r = mass_recall(query[row, :, 0], key[row], scale, scorer, p, self.budget)
+                        r = mass_recall(probs, query[row, :, 0], key[row], scorer, p, self.budget)
                         if r is not None:
                             self.recall.setdefault(f"{scorer}@page{p}", []).extend(r.tolist())
         return sdpa_attention_forward(module, query, key, value, attention_mask, scaling=scaling, dropout=dropout,

@@ -595,20 +595,22 @@ def test_decode_fidelity_sees_quest(tiny):
 def test_selection_diagnostic_mass_recall():
     """benchmarks.quest_selection: no score when every page fits the budget; otherwise a recall in (0, 1], the
     oracle's equal to the brute-force softmax mass of its pages, and the alpha scorer equal to page_scores' slack."""
-    from benchmarks.quest_selection import mass_recall, score_pages
+    from benchmarks.quest_selection import attention_probs, mass_recall, score_pages
 
     g = torch.Generator().manual_seed(0)
     q, k = torch.randn(6, 16, generator=g), torch.randn(2, 70, 16, generator=g)
-    assert mass_recall(q, k, 0.25, "bound", 8, 80) is None  # 9 pages, the last partial: all fit 10 pages
+    probs = attention_probs(q, k, 0.25)
+    assert mass_recall(probs, q, k, "bound", 8, 80) is None  # 9 pages, the last partial: all fit 10 pages
     for scorer in ("oracle", "bound", "alpha=0.5"):
-        r = mass_recall(q, k, 0.25, scorer, 8, 32)  # 3 of 8 complete pages + the current one
+        r = mass_recall(probs, q, k, scorer, 8, 32)  # 3 of 8 complete pages + the current one
         assert r.shape == (6,) and (r > 0).all() and (r <= 1 + 1e-6).all()
     # Brute force for the oracle: the softmax mass of its 3 best complete pages plus the current page's slots.
-    probs = torch.softmax(0.25 * torch.einsum("hgd,hsd->hgs", q.view(2, 3, 16), k).reshape(6, 70), -1)
-    page_mass = probs[:, :64].view(6, 8, 8).sum(-1)
-    best = torch.einsum("hgd,hsd->hgs", q.view(2, 3, 16), k).reshape(6, 70)[:, :64].view(6, 8, 8).amax(-1).topk(3)
-    want = page_mass.gather(-1, best.indices).sum(-1) + probs[:, 64:].sum(-1)
-    torch.testing.assert_close(mass_recall(q, k, 0.25, "oracle", 8, 32), want)
+    logits = torch.einsum("hgd,hsd->hgs", q.view(2, 3, 16), k).reshape(6, 70)
+    brute_probs = torch.softmax(0.25 * logits, -1)
+    page_mass = brute_probs[:, :64].view(6, 8, 8).sum(-1)
+    best = logits[:, :64].view(6, 8, 8).amax(-1).topk(3)
+    want = page_mass.gather(-1, best.indices).sum(-1) + brute_probs[:, 64:].sum(-1)
+    torch.testing.assert_close(mass_recall(probs, q, k, "oracle", 8, 32), want)
     lo, hi = k[:, :64].view(2, 8, 8, 16).amin(2), k[:, :64].view(2, 8, 8, 16).amax(2)
     want = score_ref.page_scores(q[None], lo[None], hi[None], torch.tensor([8]), slack=0.5)[0]
     torch.testing.assert_close(score_pages("alpha=0.5", q, k, 8, 8), want, rtol=1e-5, atol=1e-5)
