@@ -21,7 +21,7 @@ import torch
 from transformers import PreTrainedModel
 from transformers.cache_utils import DynamicCache, DynamicLayer
 
-from attnkit.kernels.page_bounds import fold_last_token, quantize_bounds
+from attnkit.kernels.page_bounds import PendingFold, fold_last_token, quantize_bounds
 
 
 class SinkWindowLayer(DynamicLayer):
@@ -255,21 +255,32 @@ class PageBoundsLayer(DynamicLayer):
         """Pages of the longest row (the bounds' used extent)."""
         return -(-(self.length - self.min_pad) // self.page_size)
 
-    def update_bounds(self, key_padding_mask: torch.Tensor | None = None) -> None:
+    def update_bounds(
+        self, key_padding_mask: torch.Tensor | None = None, defer_one_token: bool = False
+    ) -> PendingFold | None:
         """Fold the tokens stored since the last call into the page bounds.
 
         ``key_padding_mask [B, S]`` (True = real token) or None; read on the first call only, to find each row's
         leading padding. It must be left padding (``0…0 1…1`` per row).
+
+        ``defer_one_token``: when the only new token is one decode token, do not fold it here but return its
+        :class:`~attnkit.kernels.page_bounds.PendingFold`, which the caller must run in this step (Quest passes it
+        to ``page_scores(fold=...)``, which folds it inside the scoring launch). Returns None otherwise.
         """
         if self.pad is None and self.length and (self.track_bounds or self.max_cache_len is not None):
             self._set_padding(key_padding_mask)  # fixed-capacity dense layers need the padding too
         if not self.track_bounds or self.bounded == self.length:
-            return
+            return None
+        pending = None
         if self.length - self.bounded == 1 and self.bounded > 0:
-            self._fold_one_token()
+            pending = self._pending_fold()
+            if not defer_one_token:
+                fold_last_token(*pending)
+                pending = None
         else:
             self._fold_rows()
         self.bounded = self.length
+        return pending
 
     def _set_padding(self, key_padding_mask: torch.Tensor | None) -> None:
         b = self._keys.shape[0]
@@ -318,10 +329,10 @@ class PageBoundsLayer(DynamicLayer):
                 self.page_scale[row, :, span] = scale
         self.last_page = ((self.length - 1 - self.pad) // p).to(torch.int32)
 
-    def _fold_one_token(self) -> None:
-        """One decode token per row: update its page's bounds in place, or start them if it opens the page (one
-        Triton launch on a GPU: :func:`attnkit.kernels.page_bounds.fold_last_token`)."""
-        fold_last_token(
+    def _pending_fold(self) -> PendingFold:
+        """The update of one decode token per row: its page's bounds tightened in place, or started if the token
+        opens the page (one Triton launch on a GPU: :func:`attnkit.kernels.page_bounds.fold_last_token`)."""
+        return PendingFold(
             self._keys, self.page_min, self.page_max, self.last_page,
             self.length_t if self.max_cache_len is not None else self.length, self.pad, self.page_size,
             (self.page_min_int8, self.page_max_int8, self.page_scale) if self.int8_bounds else None,

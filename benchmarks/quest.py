@@ -203,8 +203,15 @@ def _bench_quest(
     bounds, scale8 = _bounds(cache)
     scores = page_scores(query, *bounds, valid, share, scale8)
     chosen = top_pages(scores, budget // page - 1)
-    entry["total_us"] = 1e3 * bench_ms(lambda: decode.attend(q, key, value, None, scale))
-    entry["total_graph_us"] = graph_us(lambda: decode.attend(q, key, value, None, scale))
+    def step():
+        # The whole step as a model runs it: the step's own token is folded into its page's bounds again (inside the
+        # score kernel's launch), then scores, top pages, attention. Folding the same token again changes nothing.
+        cache.bounded -= 1
+        return decode.attend(q, key, value, None, scale)
+
+    entry["total_us"] = 1e3 * bench_ms(step)
+    entry["total_graph_us"] = graph_us(step)
+    entry["total_includes_fold"] = True
     entry["scores_us"] = 1e3 * bench_ms(lambda: page_scores(query, *bounds, valid, share, scale8))
     entry["topk_us"] = 1e3 * bench_ms(lambda: scores.topk(budget // page - 1, dim=-1, sorted=False))
     entry["top_pages_us"] = 1e3 * bench_ms(lambda: top_pages(scores, budget // page - 1))

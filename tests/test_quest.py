@@ -169,7 +169,7 @@ def test_chosen_pages_and_output_equal_the_reference(share, backend, scoring, mo
     q = torch.randn(b, hq, 45, d, generator=g)
     key, value = cache.update(k, v)
     assert decode.attend(q, key, value, mask, None) is None  # prefill: not Quest's business
-    for _ in range(3):  # decode steps
+    for _ in range(6):  # decode steps: pages fill up (their bounds folded by the step that scores) and get scored
         k1, v1 = torch.randn(b, hkv, 1, d, generator=g), torch.randn(b, hkv, 1, d, generator=g)
         key, value = cache.update(k1, v1)
         q1 = torch.randn(b, hq, 1, d, generator=g)
@@ -177,6 +177,12 @@ def test_chosen_pages_and_output_equal_the_reference(share, backend, scoring, mo
         out = decode.attend(q1, key, value, mask, 0.25)
         lo, hi = brute_bounds(key, pads, page)
         valid = (key.shape[2] - torch.tensor(pads) + page - 1) // page - 1
+        for r in range(b):  # the step's own token is in the bounds (folded inside the scoring launch)
+            n = int(valid[r]) + 1
+            assert torch.equal(cache.page_min[r, :, :n], lo[r, :, :n]) and int(cache.last_page[r]) == n - 1
+            assert torch.equal(cache.page_max[r, :, :n], hi[r, :, :n])
+            if scoring == "int8":
+                assert torch.equal(cache.page_max_int8[r, :, :n], quantize_bounds(lo[r, :, :n], hi[r, :, :n])[1])
         if scoring == "oracle":
             scores = brute_oracle(q1[:, :, 0], key, pads, page, valid, share)
         elif scoring == "int8":

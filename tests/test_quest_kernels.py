@@ -367,6 +367,58 @@ def test_fold_last_token_int8_triton_matches_reference(dtype, length_on_device):
         assert (tri[2][r, :, :n].double() * s <= ref[0][r, :, :n].double()).all()
 
 
+@pytest.mark.parametrize("length_on_device", [False, True], ids=["host-length", "device-length"])
+@pytest.mark.parametrize("int8", [False, True], ids=["bounds", "int8-bounds"])
+@pytest.mark.parametrize("share", [False, True], ids=["per-head", "shared"])
+def test_page_scores_with_fold_matches_fold_then_scores(share, int8, length_on_device, nan_empty):
+    """``page_scores(fold=...)``: the decode token's bounds update runs inside the scoring launch. Over a run of
+    decode steps (pages opened, tightened, completed and then scored; padded rows; a score tile count that makes
+    several programs per row), the Triton kernel's bounds, 8-bit copy, last pages and scores equal the reference's
+    fold followed by its scores."""
+    g = torch.Generator().manual_seed(11)
+    b, hq, hkv, d, page, cap = 3, 6, 2, 32, 4, 300
+    pad = torch.tensor([0, 5, 2], dtype=torch.int32, device=DEVICE)
+    keys = torch.randn(b, hkv, cap, d, generator=g).to(DEVICE)
+    pages = cap // page + 1
+    state = {}
+    for name, mod in (("ref", score_ref), ("tri", score_tri)):
+        start = 250  # bounds of the pages before the first decode step, from their definition
+        lo = torch.full((b, hkv, pages, d), float("nan"), device=DEVICE)
+        hi = lo.clone()
+        q8 = (torch.full_like(lo, -128, dtype=torch.int8), torch.full_like(lo, -128, dtype=torch.int8),
+              torch.full(lo.shape[:3], float("nan"), device=DEVICE)) if int8 else None
+        for r in range(b):
+            n = -(-(start - int(pad[r])) // page)
+            blo, bhi = _bounds(keys[r : r + 1, :, : start], [int(pad[r])], page)
+            lo[r, :, :n], hi[r, :, :n] = blo[0, :, :n], bhi[0, :, :n]
+            if int8:
+                q8[0][r, :, :n], q8[1][r, :, :n], q8[2][r, :, :n] = bounds_ref.quantize_bounds(lo[r, :, :n], hi[r, :, :n])
+        last = torch.full((b,), -1, dtype=torch.int32, device=DEVICE)
+        scores = []
+        for length in range(start + 1, start + 11):
+            q = torch.randn(b, hq, d, generator=torch.Generator().manual_seed(length)).to(DEVICE)
+            n = torch.tensor([length], device=DEVICE) if length_on_device else length
+            fold = bounds_ref.PendingFold(keys, lo, hi, last, n, pad, page, q8)
+            bounds = (q8[0], q8[1]) if int8 else (lo, hi)
+            scores.append(mod.page_scores(q, *bounds, last, share, q8[2] if int8 else None, 1.0, fold))
+        state[name] = (lo, hi, last, scores, q8)
+    (lo, hi, last, scores, q8), (tlo, thi, tlast, tscores, tq8) = state["ref"], state["tri"]
+    assert torch.equal(tlast, last)
+    for r in range(b):
+        n = int(last[r]) + 1
+        assert torch.equal(tlo[r, :, :n], lo[r, :, :n]) and torch.equal(thi[r, :, :n], hi[r, :, :n])
+        if int8:
+            assert torch.equal(tq8[2][r, :, :n], q8[2][r, :, :n])
+            assert (tq8[1][r, :, :n].int() - q8[1][r, :, :n].int()).abs().max() <= (0 if not CUDA else 1)
+    for got, want in zip(tscores, scores, strict=True):
+        assert torch.equal(torch.isinf(got), torch.isinf(want)) and not got.isnan().any()
+        finite = torch.isfinite(want)
+        torch.testing.assert_close(got[finite], want[finite], rtol=1e-5, atol=1e-4)
+    with pytest.raises(ValueError, match=r"fold\.last_page"):
+        score_ref.page_scores(q, lo, hi, last.clone(), share, None, 1.0, bounds_ref.PendingFold(
+            keys, lo, hi, last, 260, pad, page))
+
+
 @pytest.mark.parametrize("share", [False, True], ids=["per-head", "shared"])
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=["fp32", "bf16"])
 @pytest.mark.parametrize("case", SCORE_CASES, ids=lambda c: "B{}-Hq{}-Hkv{}-P{}-D{}".format(*c))

@@ -42,6 +42,7 @@ from pydantic import Field, field_validator, model_validator
 from torch import nn
 
 from attnkit.cache import PageBoundsLayer, page_bounds_layer_of
+from attnkit.kernels.page_bounds import PendingFold, fold_last_token
 from attnkit.kernels.page_scores import candidate_page_max, page_scores, top_pages
 from attnkit.kernels.page_scores.reference import oracle_page_scores
 from attnkit.kernels.paged_decode import sparse_decode_attention
@@ -197,35 +198,43 @@ class QuestDecode(DecodeLayer):
             if query.shape[-2] > 1:
                 return None
             cache = self._bounds_without_cache(key, value)
-        cache.update_bounds(key_padding_mask)
+        method = self.method
+        # A decode step that scores pages leaves its own token's bounds update to the scoring launch (fold=).
+        scores = query.shape[-2] == 1 and cache.pad is not None and cache.num_pages() > method.page_budget
+        fold = cache.update_bounds(key_padding_mask, defer_one_token=scores and method.scoring == "bound")
         if query.shape[-2] > 1:
             return None  # prefill: the recipe's prefill method, or dense
-        method = self.method
         if cache.num_pages() <= method.page_budget:
             self.last_pages = None
             return None  # every page of every row fits: dense attention, exactly
         query = query[:, :, 0]
-        chosen = self._choose_pages(query, key, cache, cache.num_pages())
+        chosen = self._choose_pages(query, key, cache, cache.num_pages(), fold)
         out = sparse_decode_attention(query, key, value, chosen, method.page_size, cache.pad, scale)
         return out[:, :, None]
 
-    def _choose_pages(self, query: torch.Tensor, key: torch.Tensor, cache: PageBoundsLayer, pages: int):
+    def _choose_pages(
+        self, query: torch.Tensor, key: torch.Tensor, cache: PageBoundsLayer, pages: int,
+        fold: PendingFold | None = None,
+    ):
         """The pages to attend besides each row's last one: ``[B, Hq or Hkv, page_budget - 1]``, chosen among the
         first ``pages`` pages of the bounds (pages at or past a row's last page score -inf: fillers), kept in
-        ``last_pages``. ``query``: ``[B, Hq, D]``."""
+        ``last_pages``. ``query``: ``[B, Hq, D]``; ``fold``: the step's deferred bounds update (bound scoring
+        runs it in its launch)."""
         method = self.method
         if method.scoring == "oracle":
+            if fold is not None:
+                fold_last_token(*fold)
             scores = oracle_page_scores(query, key, cache.pad, method.page_size, pages, cache.last_page,
                                         method.share_gqa_group)
         elif cache.int8_bounds:
             scores = page_scores(
                 query, cache.page_min_int8[:, :, :pages], cache.page_max_int8[:, :, :pages], cache.last_page,
-                method.share_gqa_group, cache.page_scale[:, :, :pages], slack=method.bound_slack,
+                method.share_gqa_group, cache.page_scale[:, :, :pages], slack=method.bound_slack, fold=fold,
             )
         else:
             scores = page_scores(
                 query, cache.page_min[:, :, :pages], cache.page_max[:, :, :pages], cache.last_page,
-                method.share_gqa_group, slack=method.bound_slack,
+                method.share_gqa_group, slack=method.bound_slack, fold=fold,
             )
         if method.sink_pages:
             # Complete pages below sink_pages win every comparison; a row whose sink page is its current page
@@ -255,19 +264,20 @@ class QuestDecode(DecodeLayer):
         read back to the host, so the step can be captured once in a CUDA graph. Pages are scored over the whole
         capacity (pages past each row's last page score -inf and are ignored as fillers); dense layers, and budgets
         that hold every page of the capacity, attend to all pages with the same kernel."""
-        cache.update_bounds(key_padding_mask)
+        method, p = self.method, self.method.page_size
+        capacity_pages = -(-key.shape[-2] // p)
+        sparse = not self.dense and cache.track_bounds and capacity_pages > method.page_budget
+        fold = cache.update_bounds(key_padding_mask, defer_one_token=sparse and query.shape[-2] == 1)
         if query.shape[-2] > 1:
             return None  # prefill: the recipe's prefill method, or dense
-        method, p = self.method, self.method.page_size
         query = query[:, :, 0]
-        capacity_pages = -(-key.shape[-2] // p)
-        if self.dense or not cache.track_bounds or capacity_pages <= method.page_budget:
+        if not sparse:
             if cache.all_pages is None:
                 cache.all_pages = torch.arange(capacity_pages, dtype=torch.int32, device=key.device).view(1, 1, -1)
             chosen = cache.all_pages.expand(key.shape[0], key.shape[1], -1)  # the last page is added by the kernel
             self.last_pages = None
         else:  # over the whole capacity's bounds
-            chosen = self._choose_pages(query, key, cache, cache.page_min.shape[2])
+            chosen = self._choose_pages(query, key, cache, cache.page_min.shape[2], fold)
         out = sparse_decode_attention(query, key, value, chosen, p, cache.pad, scale, seq_len=cache.length_t)
         return out[:, :, None]
 

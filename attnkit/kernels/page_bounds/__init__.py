@@ -13,7 +13,7 @@ import torch
 
 from attnkit.kernels.block_sparse import backend_name
 from attnkit.kernels.page_bounds import reference
-from attnkit.kernels.page_bounds.reference import quantize_bounds
+from attnkit.kernels.page_bounds.reference import PendingFold, quantize_bounds
 
 
 def _triton() -> ModuleType | None:
@@ -46,4 +46,4 @@ def fold_last_token(
     return reference.fold_last_token(*args)
 
 
-__all__ = ["fold_last_token", "quantize_bounds"]
+__all__ = ["PendingFold", "fold_last_token", "quantize_bounds"]

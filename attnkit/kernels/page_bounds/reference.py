@@ -13,6 +13,8 @@ page and head instead of ``4·D`` (bf16).
 
 from __future__ import annotations
 
+from typing import NamedTuple
+
 import torch
 
 INT8_LIMIT = 127
@@ -78,3 +80,19 @@ def fold_last_token(
             page_min[rows, :, page], page_max[rows, :, page]
         )
     last_page.copy_(page)
+
+
+class PendingFold(NamedTuple):
+    """A decode token's bounds update that the caller runs later in the same step: the arguments of
+    :func:`fold_last_token` (``fold_last_token(*pending)``). Quest's decode hands it to
+    :func:`attnkit.kernels.page_scores.page_scores` (``fold=``), whose Triton kernel folds the token in the same
+    launch as the scoring (the fold touches only the current page, which is never scored)."""
+
+    keys: torch.Tensor
+    page_min: torch.Tensor
+    page_max: torch.Tensor
+    last_page: torch.Tensor
+    length: int | torch.Tensor
+    pad: torch.Tensor
+    page_size: int
+    int8_bounds: tuple[torch.Tensor, torch.Tensor, torch.Tensor] | None = None

@@ -13,6 +13,7 @@ from types import ModuleType
 import torch
 
 from attnkit.kernels.block_sparse import backend_name
+from attnkit.kernels.page_bounds import PendingFold
 from attnkit.kernels.page_scores import reference
 
 logger = logging.getLogger(__name__)
@@ -36,9 +37,10 @@ def page_scores(
     share_gqa_group: bool = False,
     page_scale: torch.Tensor | None = None,
     slack: float = 1.0,
+    fold: PendingFold | None = None,
 ) -> torch.Tensor:
     """Dispatching entry point; see :func:`attnkit.kernels.page_scores.reference.page_scores`."""
-    args = (query, page_min, page_max, valid_pages, share_gqa_group, page_scale, slack)
+    args = (query, page_min, page_max, valid_pages, share_gqa_group, page_scale, slack, fold)
     name = backend_name()
     if name == "reference":
         return reference.page_scores(*args)

@@ -18,6 +18,8 @@ from __future__ import annotations
 
 import torch
 
+from attnkit.kernels.page_bounds.reference import PendingFold, fold_last_token
+
 PAGE_CHUNK = 1024  # pages per step of the reference loop: bounds the fp32 temporaries at long contexts
 
 
@@ -28,7 +30,10 @@ def check_inputs(
     valid_pages: torch.Tensor,
     page_scale: torch.Tensor | None = None,
     slack: float = 1.0,
+    fold: PendingFold | None = None,
 ) -> None:
+    if fold is not None and fold.last_page is not valid_pages:
+        raise ValueError("with fold, valid_pages must be fold.last_page: the fold sets each row's last page")
     if not 0.0 <= slack <= 1.0:
         raise ValueError(f"slack must be in [0, 1] (1: Quest's bound), got {slack}")
     if query.dim() != 3 or page_min.dim() != 4 or page_max.shape != page_min.shape:
@@ -64,6 +69,7 @@ def page_scores(
     share_gqa_group: bool = False,
     page_scale: torch.Tensor | None = None,
     slack: float = 1.0,
+    fold: PendingFold | None = None,
 ) -> torch.Tensor:
     """Quest's upper bound of each page's attention logit, per query head or per GQA group.
 
@@ -78,11 +84,16 @@ def page_scores(
         page_scale: ``[B, Hkv, P]`` float32, or None. Given, ``page_min``/``page_max`` are the 8-bit bounds of
             :func:`attnkit.kernels.page_bounds.quantize_bounds` and stand for ``page_scale · page_min`` etc.
         slack: in [0, 1]; the score is ``q·c + slack · |q|·r`` (module docstring): 1, the default, is the bound.
+        fold: this decode step's :class:`~attnkit.kernels.page_bounds.PendingFold`, or None. Given, the step's new
+            token is folded into its page's bounds first (``fold_last_token``), which sets ``valid_pages``: it
+            must be ``fold.last_page``. The Triton kernel runs the fold inside the scoring launch.
 
     Returns:
         ``[B, Hq, P]`` float32 scores, or ``[B, Hkv, P]`` with ``share_gqa_group``.
     """
-    check_inputs(query, page_min, page_max, valid_pages, page_scale, slack)
+    check_inputs(query, page_min, page_max, valid_pages, page_scale, slack, fold)
+    if fold is not None:
+        fold_last_token(*fold)
     b, hq, d = query.shape
     hkv, pages = page_min.shape[1], page_min.shape[2]
     q = query.float().view(b, hkv, hq // hkv, 1, d)

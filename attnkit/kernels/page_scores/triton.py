@@ -34,6 +34,8 @@ import torch
 import triton
 import triton.language as tl
 
+from attnkit.kernels.page_bounds import PendingFold
+from attnkit.kernels.page_bounds.triton import fold_args, fold_last_token, fold_token
 from attnkit.kernels.page_scores.reference import check_inputs
 
 TOP_PAGES_MAX = 16384  # longest row top_pages keeps in registers; longer rows go to torch.topk
@@ -49,8 +51,13 @@ def _page_scores_kernel(
     stride_ob, stride_oh,
     stride_sb, stride_sh,
     num_kv_heads, num_pages, pages_per_program, mix_a, mix_b,
+    # the fused bounds update (FOLD): fold_token's pointers and strides, the cache's length (a host int or a pointer)
+    fk_ptr, fmin_ptr, fmax_ptr, flast_ptr, fpad_ptr, fqmin_ptr, fqmax_ptr, fscale_ptr, length_ptr,
+    f_skb, f_skh, f_sks, f_sbb, f_sbh, f_sbp, f_sqb, f_sqh, f_sqp, f_ssb, f_ssh,
+    length,
     GROUP: tl.constexpr, BLOCK_G: tl.constexpr, BLOCK_P: tl.constexpr, D: tl.constexpr,
     SHARE: tl.constexpr, IEEE: tl.constexpr, STAGES: tl.constexpr, INT8: tl.constexpr, MIX: tl.constexpr,
+    FOLD: tl.constexpr, PAGE: tl.constexpr, FOLD_INT8: tl.constexpr, LENGTH_FROM_PTR: tl.constexpr,
 ):
     pid = tl.program_id(0)
     b = pid // num_kv_heads
@@ -70,7 +77,22 @@ def _page_scores_kernel(
         q_hi = (mix_a * q_pos.to(tl.float32) + mix_b * q_neg.to(tl.float32)).to(q.dtype)
         q_lo = (mix_b * q_pos.to(tl.float32) + mix_a * q_neg.to(tl.float32)).to(q.dtype)
         q_pos, q_neg = q_hi, q_lo
-    valid = tl.load(valid_ptr + b)
+    if FOLD:
+        # This step's token goes into its row's current page, which no program scores (pages ≥ valid are -inf),
+        # so one program per (row, KV head) folds it while the others score: no ordering between them is needed.
+        # Every program derives the row's page count from the length instead of reading last_page, which the
+        # fold rewrites.
+        if LENGTH_FROM_PTR:
+            length = tl.load(length_ptr).to(tl.int32)
+        valid = (length - 1 - tl.load(fpad_ptr + b)) // PAGE
+        if tl.program_id(1) == 0:
+            fold_token(
+                b, hkv, length, fk_ptr, fmin_ptr, fmax_ptr, flast_ptr, fpad_ptr, fqmin_ptr, fqmax_ptr, fscale_ptr,
+                f_skb, f_skh, f_sks, f_sbb, f_sbh, f_sbp, f_sqb, f_sqh, f_sqp, f_ssb, f_ssh,
+                PAGE=PAGE, D=D, BLOCK_D=D, INT8=FOLD_INT8,
+            )
+    else:
+        valid = tl.load(valid_ptr + b)
     b_off = b.to(tl.int64) * stride_bb + hkv.to(tl.int64) * stride_bh
     first = tl.program_id(1) * pages_per_program
     last = tl.minimum(first + pages_per_program, num_pages)
@@ -218,9 +240,10 @@ def page_scores(
     share_gqa_group: bool = False,
     page_scale: torch.Tensor | None = None,
     slack: float = 1.0,
+    fold: PendingFold | None = None,
 ) -> torch.Tensor:
-    """See :func:`attnkit.kernels.page_scores.reference.page_scores`."""
-    check_inputs(query, page_min, page_max, valid_pages, page_scale, slack)
+    """See :func:`attnkit.kernels.page_scores.reference.page_scores`; ``fold`` runs in the same launch."""
+    check_inputs(query, page_min, page_max, valid_pages, page_scale, slack, fold)
     reason = supports(query, page_min)
     if reason is not None:
         raise ValueError(f"Triton page scoring does not support these inputs: {reason}")
@@ -232,11 +255,13 @@ def page_scores(
     hkv, pages = page_min.shape[1], page_min.shape[2]
     out = torch.empty(b, hkv if share_gqa_group else hq, pages, dtype=torch.float32, device=query.device)
     if pages == 0:
+        if fold is not None:
+            fold_last_token(*fold)
         return out
     if page_scale is not None and page_scale.stride(-1) != 1:
         page_scale = page_scale.contiguous()
     _launch_scores(query, page_min, page_max, valid_pages, out, share_gqa_group, **score_config(d), page_scale=page_scale,
-                   slack=slack)
+                   slack=slack, fold=fold)
     return out
 
 
@@ -263,10 +288,11 @@ def _sm_count(device: torch.device) -> int:
 
 
 def _launch_scores(
-    query, page_min, page_max, valid_pages, out, share, block_p, warps, stages, waves, page_scale=None, slack=1.0
+    query, page_min, page_max, valid_pages, out, share, block_p, warps, stages, waves, page_scale=None, slack=1.0,
+    fold=None,
 ) -> None:
     """Run the score kernel with explicit launch settings (``waves=0``: one tile per program); ``page_scale``:
-    the bounds are int8 (see :func:`page_scores`)."""
+    the bounds are int8; ``fold``: a :class:`PendingFold` run in the same launch (see :func:`page_scores`)."""
     b, hq, d = query.shape
     hkv, pages = page_min.shape[1], page_min.shape[2]
     group = hq // hkv
@@ -279,16 +305,31 @@ def _launch_scores(
     pages_per_program = tiles_per_program * block_p
     grid = (b * hkv, triton.cdiv(pages, pages_per_program))
     int8 = page_scale is not None
+    valid = valid_pages if fold is not None else valid_pages.to(device=query.device, dtype=torch.int32)
+    if fold is None:  # the fold's arguments still need pointers of the right kind: unused ones
+        f_pointers, f_strides, f_int8, length, length_ptr = (out,) * 8, (0,) * 11, False, 0, out
+    else:
+        if d != fold.keys.shape[-1] or triton.next_power_of_2(d) != d:
+            raise ValueError(f"fold: keys of head_dim {fold.keys.shape[-1]} for a query of head_dim {d}")
+        f_pointers, f_strides, f_constexprs = fold_args(
+            fold.keys, fold.page_min, fold.page_max, fold.last_page, fold.pad, fold.page_size, fold.int8_bounds
+        )
+        f_int8 = f_constexprs["INT8"]
+        on_device = isinstance(fold.length, torch.Tensor)
+        length, length_ptr = (0, fold.length) if on_device else (fold.length, out)
     _page_scores_kernel[grid](
-        query, page_min, page_max, valid_pages.to(device=query.device, dtype=torch.int32), out,
+        query, page_min, page_max, valid, out,
         page_scale if int8 else out,
         query.stride(0), query.stride(1),
         page_min.stride(0), page_min.stride(1), page_min.stride(2),
         out.stride(0), out.stride(1),
         *(page_scale.stride()[:2] if int8 else (0, 0)),
         hkv, pages, pages_per_program, (1.0 + slack) / 2, (1.0 - slack) / 2,
+        *f_pointers, length_ptr, *f_strides, length,
         GROUP=group, BLOCK_G=max(16, triton.next_power_of_2(group)), BLOCK_P=block_p, D=d,
         SHARE=share, IEEE=INTERPRET or query.dtype == torch.float32, STAGES=stages, INT8=int8, MIX=slack != 1.0,
+        FOLD=fold is not None, PAGE=fold.page_size if fold is not None else 1, FOLD_INT8=f_int8,
+        LENGTH_FROM_PTR=fold is not None and isinstance(fold.length, torch.Tensor),
         num_warps=warps,
     )
 
