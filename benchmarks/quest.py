@@ -232,6 +232,19 @@ def _bench_quest(
         for kernel in ("bitwise", "bitpairs", "radix", "bounded"):
             entry[f"top_pages_{kernel}_graph_us"] = graph_us(partial(score_tri.top_pages, scores, budget // page - 1, kernel))
         entry["topk_graph_us"] = graph_us(lambda: scores.topk(budget // page - 1, dim=-1, sorted=False))
+        # The attention kernel's split count and warps (default: about four programs per SM, 8 warps): fewer splits
+        # mean longer runs per program and less to combine. Each setting's output is checked against the default's.
+        from attnkit.kernels.paged_decode import triton as attn_tri
+
+        want = attn_tri.sparse_decode_attention(query, key, value, chosen, page, cache.pad, scale)
+        rows = []
+        for splits in (4, 8, 16, 32, 64):
+            for warps in (4, 8):
+                run = partial(attn_tri.sparse_decode_attention, query, key, value, chosen, page, cache.pad, scale,
+                              num_splits=splits, num_warps=warps)
+                err = rel_err(run(), want)
+                rows.append({"splits": splits, "warps": warps, "rel_err": err, "us": graph_us(run, rep_ms=60)})
+        entry["attention_settings_graph"] = rows
     kv_bytes = 2 * batch * HKV * length * D * key.element_size()
     heads = HKV if share else HQ
     # bounds: 2·D values per page and KV head in the keys' dtype, or 2·D int8 + a float32 scale

@@ -169,9 +169,10 @@ def sparse_decode_attention(
     scale: float | None = None,
     seq_len: torch.Tensor | None = None,
     num_splits: int | None = None,
+    num_warps: int = 8,
 ) -> torch.Tensor:
     """See :func:`attnkit.kernels.paged_decode.reference.sparse_decode_attention`; ``num_splits`` overrides the
-    split count (tests and tuning)."""
+    split count and ``num_warps`` the split kernel's warps (tests and tuning: ``benchmarks/quest.py``)."""
     check_inputs(query, key, value, pages, page_size, pad)
     reason = supports(query, key, page_size)
     if reason is not None:
@@ -218,7 +219,7 @@ def sparse_decode_attention(
         num_sel, 0 if on_device else slots, num_listed, entries_per_split, scale * _LOG2E,
         GROUP=group, SHARE=share, BLOCK_G=max(16, triton.next_power_of_2(group)) if share else 16,
         PAGE=page_size, TILE=tile, D=d, IEEE=ieee, SEQ_LEN_FROM_PTR=on_device,
-        num_warps=8, num_stages=3,  # 64-token tiles: 142 registers, no spills on sm_90 (4 warps spill)
+        num_warps=num_warps, num_stages=3,  # 8 warps: 64-token tiles in 142 registers, no spills on sm_90 (4 spill)
     )
     out = torch.empty(b, hq, d, dtype=query.dtype, device=query.device)
     _combine_kernel[(b * hq,)](
