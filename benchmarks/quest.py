@@ -565,7 +565,6 @@ def kernel_report(arch: int = 90) -> list[dict]:
     from triton.backends.compiler import GPUTarget
     from triton.compiler import ASTSource
 
-    from attnkit.kernels.page_bounds import reference as bounds_ref
     from attnkit.kernels.page_bounds import triton as bounds_tri
     from attnkit.kernels.page_scores import triton as score_tri
     from attnkit.kernels.paged_decode import triton as attn_tri
@@ -578,35 +577,45 @@ def kernel_report(arch: int = 90) -> list[dict]:
         return triton.compile(src, target=GPUTarget("cuda", arch, 32), options={"num_warps": warps, "num_stages": 3})
 
     bf = "*bf16"
+    fold_pointers = {"fk_ptr": bf, "fmin_ptr": bf, "fmax_ptr": bf, "flast_ptr": "*i32", "fpad_ptr": "*i32",
+                     "fqmin_ptr": "*i8", "fqmax_ptr": "*i8", "fscale_ptr": "*fp32", "length_ptr": "*i64"}
+    score_constexprs = {"GROUP": 4, "BLOCK_G": 16, "BLOCK_P": 64, "D": 128, "IEEE": False, "STAGES": 1, "MIX": False,
+                        "PAGE": 16, "LENGTH_FROM_PTR": True}
     rows = []
     for share in (False, True):
         rows.append(("page_scores" + (" shared" if share else ""), compile_one(
             score_tri._page_scores_kernel,
-            {"q_ptr": bf, "min_ptr": bf, "max_ptr": bf, "valid_ptr": "*i32", "out_ptr": "*fp32", "scale_ptr": "*fp32"},
-            {"GROUP": 4, "BLOCK_G": 16, "BLOCK_P": 64, "D": 128, "SHARE": share, "IEEE": False, "STAGES": 1,
-             "INT8": False}, 4)))
-        rows.append(("page_scores int8" + (" shared" if share else ""), compile_one(
+            {"q_ptr": bf, "min_ptr": bf, "max_ptr": bf, "valid_ptr": "*i32", "out_ptr": "*fp32", "scale_ptr": "*fp32",
+             **fold_pointers},
+            {**score_constexprs, "SHARE": share, "INT8": False, "FOLD": False, "FOLD_INT8": False}, 4,
+            floats=("mix_a", "mix_b"))))
+        rows.append(("page_scores int8 + fold" + (" shared" if share else ""), compile_one(
             score_tri._page_scores_kernel,
             {"q_ptr": bf, "min_ptr": "*i8", "max_ptr": "*i8", "valid_ptr": "*i32", "out_ptr": "*fp32",
-             "scale_ptr": "*fp32"},
-            {"GROUP": 4, "BLOCK_G": 16, "BLOCK_P": 64, "D": 128, "SHARE": share, "IEEE": False, "STAGES": 1,
-             "INT8": True}, 4)))
+             "scale_ptr": "*fp32", **fold_pointers},
+            {**score_constexprs, "SHARE": share, "INT8": True, "FOLD": True, "FOLD_INT8": True}, 4,
+            floats=("mix_a", "mix_b"))))
         rows.append(("paged_decode split" + (" shared" if share else ""), compile_one(
             attn_tri._split_kernel,
-            {"q_ptr": bf, "k_ptr": bf, "v_ptr": bf, "pages_ptr": "*i64", "pad_ptr": "*i32", "acc_ptr": "*fp32",
-             "m_ptr": "*fp32", "l_ptr": "*fp32"},
-            {"GROUP": 4, "SHARE": share, "BLOCK_G": 16, "PAGE": 16, "TILE": 64, "D": 128, "IEEE": False}, 8,
+            {"q_ptr": bf, "k_ptr": bf, "v_ptr": bf, "pages_ptr": "*i32", "pad_ptr": "*i32", "acc_ptr": "*fp32",
+             "m_ptr": "*fp32", "l_ptr": "*fp32", "seq_len_ptr": "*i64"},
+            {"GROUP": 4, "SHARE": share, "BLOCK_G": 16, "PAGE": 16, "TILE": 64, "D": 128, "IEEE": False,
+             "SEQ_LEN_FROM_PTR": True}, 8,
             floats=("qk_scale",))))
     rows.append(("paged_decode combine", compile_one(
         attn_tri._combine_kernel, {"acc_ptr": "*fp32", "m_ptr": "*fp32", "l_ptr": "*fp32", "out_ptr": bf},
         {"BLOCK_S": 16, "D": 128}, 4)))
-    rows.append(("top_pages (8192 pages)", compile_one(
-        score_tri._top_pages_kernel, {"scores_ptr": "*fp32", "out_ptr": "*i32"}, {"BLOCK": 8192}, 16)))
+    # The bounded search holds a row in registers: a power-of-two block of scores (8192 pages at 128K tokens and
+    # page 16; one page more doubles it).
+    for block in (8192, 16384):
+        for warps in (8, 16):
+            rows.append((f"top_pages bounded ({block}-page block, {warps} warps)", compile_one(
+                score_tri._top_pages_bounded_kernel, {"scores_ptr": "*fp32", "out_ptr": "*i32"},
+                {"BLOCK": block, "GROUPS": 128}, warps)))
     rows.append(("page_bounds fold", compile_one(
         bounds_tri._fold_kernel, {"k_ptr": bf, "min_ptr": bf, "max_ptr": bf, "last_ptr": "*i32", "pad_ptr": "*i32",
-                                  "qmin_ptr": "*i8", "qmax_ptr": "*i8", "scale_ptr": "*fp32"},
-        {"PAGE": 16, "D": 128, "BLOCK_D": 128, "INT8": True, "SCALE_FACTOR": bounds_ref.SCALE_FACTOR,
-         "OUTWARD": bounds_ref.OUTWARD, "TINY": bounds_ref.TINY, "LIMIT": bounds_ref.INT8_LIMIT}, 1)))
+                                  "qmin_ptr": "*i8", "qmax_ptr": "*i8", "scale_ptr": "*fp32", "length_ptr": "*i64"},
+        {"PAGE": 16, "D": 128, "BLOCK_D": 128, "INT8": True, "LENGTH_FROM_PTR": True}, 1)))
     return [{"kernel": name, **report(kernel)} for name, kernel in rows]
 
 

@@ -208,7 +208,10 @@ class QuestDecode(DecodeLayer):
             self.last_pages = None
             return None  # every page of every row fits: dense attention, exactly
         query = query[:, :, 0]
-        chosen = self._choose_pages(query, key, cache, cache.num_pages(), fold)
+        # Every row's last page is at most the longest row's, page num_pages() - 1, and is never scored (it is
+        # attended anyway): the scores stop before it. At 128K tokens + a few that keeps 8192 pages, not 8193, in
+        # the top-page search, whose row must fit a power-of-two block held in registers.
+        chosen = self._choose_pages(query, key, cache, cache.num_pages() - 1, fold)
         out = sparse_decode_attention(query, key, value, chosen, method.page_size, cache.pad, scale)
         return out[:, :, None]
 
@@ -277,7 +280,8 @@ class QuestDecode(DecodeLayer):
             chosen = cache.all_pages.expand(key.shape[0], key.shape[1], -1)  # the last page is added by the kernel
             self.last_pages = None
         else:  # over the whole capacity's bounds
-            chosen = self._choose_pages(query, key, cache, cache.page_min.shape[2], fold)
+            # Every row's last page is at most the capacity's last, capacity_pages - 1: the scores stop before it.
+            chosen = self._choose_pages(query, key, cache, capacity_pages - 1, fold)
         out = sparse_decode_attention(query, key, value, chosen, p, cache.pad, scale, seq_len=cache.length_t)
         return out[:, :, None]
 

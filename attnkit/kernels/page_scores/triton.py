@@ -463,8 +463,9 @@ def top_pages(scores: torch.Tensor, k: int, kernel: str | None = None, num_warps
     """See :func:`attnkit.kernels.page_scores.reference.top_pages`; returns int32 indices in increasing order.
     ``kernel``: "bitwise", "bitpairs", "radix" or "bounded" (default :data:`TOP_PAGES_KERNEL`), four searches for
     the same k-th score (a bit, two bits or a byte of it per pass; bit by bit between bounds, stopping early).
-    ``num_warps``: the launch's warps (default 8; 16 for the other searches on rows longer than 4096 pages;
-    ``benchmarks/quest.py --sweep-top-pages`` times the alternatives)."""
+    ``num_warps``: the launch's warps (default 8; 16 on rows longer than 8192 pages for the bounded search, whose
+    16384-score block needs 255 registers a thread at 8 warps and 128 at 16 (``benchmarks.quest --kernel-report``),
+    and longer than 4096 for the others; ``benchmarks/quest.py --sweep-top-pages`` times the alternatives)."""
     pages = scores.shape[-1]
     if not 0 <= k <= pages:
         raise ValueError(f"k must be in [0, {pages}], got {k}")
@@ -485,6 +486,6 @@ def top_pages(scores: torch.Tensor, k: int, kernel: str | None = None, num_warps
     extra = {"GROUPS": triton.next_power_of_2(k)} if kernel == "bounded" else {}  # k <= pages, so GROUPS <= BLOCK
     kernels[kernel][(flat.shape[0],)](
         flat, out, flat.stride(0), out.stride(0), pages, k, BLOCK=block,
-        num_warps=num_warps or (8 if kernel == "bounded" or block <= 4096 else 16), **extra,
+        num_warps=num_warps or (8 if block <= (8192 if kernel == "bounded" else 4096) else 16), **extra,
     )
     return out.view(*scores.shape[:-1], k)
