@@ -600,7 +600,7 @@ def kernel_report(arch: int = 90) -> list[dict]:
             {"q_ptr": bf, "k_ptr": bf, "v_ptr": bf, "pages_ptr": "*i32", "pad_ptr": "*i32", "acc_ptr": "*fp32",
              "m_ptr": "*fp32", "l_ptr": "*fp32", "seq_len_ptr": "*i64"},
             {"GROUP": 4, "SHARE": share, "BLOCK_G": 16, "PAGE": 16, "TILE": 64, "D": 128, "IEEE": False,
-             "SEQ_LEN_FROM_PTR": True}, 8,
+             "SEQ_LEN_FROM_PTR": True}, 4,
             floats=("qk_scale",))))
     rows.append(("paged_decode combine", compile_one(
         attn_tri._combine_kernel, {"acc_ptr": "*fp32", "m_ptr": "*fp32", "l_ptr": "*fp32", "out_ptr": bf},

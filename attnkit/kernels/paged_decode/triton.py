@@ -169,7 +169,7 @@ def sparse_decode_attention(
     scale: float | None = None,
     seq_len: torch.Tensor | None = None,
     num_splits: int | None = None,
-    num_warps: int = 8,
+    num_warps: int = 4,
 ) -> torch.Tensor:
     """See :func:`attnkit.kernels.paged_decode.reference.sparse_decode_attention`; ``num_splits`` overrides the
     split count and ``num_warps`` the split kernel's warps (tests and tuning: ``benchmarks/quest.py``)."""
@@ -219,7 +219,10 @@ def sparse_decode_attention(
         num_sel, 0 if on_device else slots, num_listed, entries_per_split, scale * _LOG2E,
         GROUP=group, SHARE=share, BLOCK_G=max(16, triton.next_power_of_2(group)) if share else 16,
         PAGE=page_size, TILE=tile, D=d, IEEE=ieee, SEQ_LEN_FROM_PTR=on_device,
-        num_warps=num_warps, num_stages=3,  # 8 warps: 64-token tiles in 142 registers, no spills on sm_90 (4 spill)
+        # 4 warps spill a little on sm_90 (255 registers, ~20 spill loads/stores; 8 warps: 210, none) and are still
+        # as fast or faster at every split count: 101.9-106.6 vs 108.4-142.3 us per head at batch 8, 128K, H100
+        # (benchmarks.quest's attention_settings_graph, RESULTS.md 2026-12-06).
+        num_warps=num_warps, num_stages=3,
     )
     out = torch.empty(b, hq, d, dtype=query.dtype, device=query.device)
     _combine_kernel[(b * hq,)](
