@@ -21,9 +21,11 @@
 #              dense SDPA and a naive gather; time per output token of a random 32-layer Llama-3-8B at 128K)
 #   quest-graph  Quest's CUDA-graph decode: GPU tests of generate_graphed and the rerank kernel, TPOT of real
 #              generation (attnkit.generate_graphed) per variant at b1/128K, part 1 with --rerank-pages 256
-#   quest-profile  the kernels of one CUDA-graph decode step (32 layers, b1, 128K: dense-buffered vs GQA-shared int8,
-#              --profile-graph: launches, device µs, time between kernels), then TPOT at BATCH rows (default 4; 128K at
-#              batch 4 needs an H200's memory: call with needs_h200) for the 2x TPOT goal
+#   quest-profile  Quest's GPU tests (log in $OUT), the 128K kernel points (b1, b8: whole step with the fused bounds
+#              update, attention launch settings), then the kernels of one CUDA-graph decode step of the 32-layer model
+#              (b1, 128K: dense-buffered vs GQA-shared int8, --profile-graph: launches, device µs, time between kernels)
+#   quest-tpot real-generation TPOT (generate_graphed) at BATCH rows of 128K (default 3, what an H100 holds; 4 needs
+#              an H200): dense-buffered, Quest per head, Quest GQA-shared int8 (~230 s on an H100)
 #   quest-smol benchmarks.quality of Quest on the embedded model, 4K/8K, budgets 256/512/1024 (+1024 GQA-shared)
 #   quest-qwen benchmarks.quality of Quest on qwen, 16K/32K, budgets 1024/2048
 #   conversion benchmarks.conversion quality on the embedded model (SmolLM2 GGUF staged) and tiny-qwen2, fp32:
@@ -45,7 +47,7 @@
 # Durations seen on an H100 (2026-12-05), to plan the 10-minute calls: quest ~125 s (tests 61 s) + ~100 s of TPOT;
 # conversion-decode b1 ~140 s, b8 ~60 s; linear (benchmark only, 4 lengths, --repeat 5) ~60 s; quest-smol > 200 s,
 # linear-smol > 150 s, conversion > 200 s for the smol gqa recipe alone (these three got no further within those
-# limits: give each its own call). Stages pipe through `tail`, so a stage killed by `timeout` prints nothing: tee
+# limits: give each its own call). 2026-12-06: quest-profile ~260 s, quest-tpot (BATCH=3) ~230 s. Stages pipe through `tail`, so a stage killed by `timeout` prints nothing: tee
 # to a file under $OUT when running one under a limit. assemble needs .devstage/SHA256 carried along.
 set -uo pipefail
 stage=${1:?stage}
@@ -133,11 +135,20 @@ case "$stage" in
     python3 -m benchmarks.quest --lengths 128k --batches 1,8 --rerank-pages 256 --no-model --out "$OUT" 2>&1 | tail -6
     ;;
   quest-profile)
+    python3 -m pytest -q -p no:cacheprovider -p no:warnings tests/test_quest_kernels.py tests/test_quest.py 2>&1 \
+      | tee "$OUT/quest-gpu-tests.log" | tail -5
+    python3 -m benchmarks.quest --lengths 128k --batches 1,8 --no-model --out "$OUT" 2>&1 | grep -v Warning \
+      | tee "$OUT/kernels-128k.log" | tail -6
     python3 -m benchmarks.quest --lengths "" --model-layers 32 --model-length 128k --new-tokens 8 --sdpa-backends flash \
-      --variants dense-buffered,quest-shared-int8 --profile-graph 3 --out "$OUT" 2>&1 | grep -v Warning | tail -80
-    python3 -m benchmarks.quest --lengths "" --model-layers 32 --model-length 128k --model-batch "${BATCH:-4}" \
-      --new-tokens 8 --sdpa-backends flash --variants dense-buffered,quest-shared-int8 --out "$OUT" 2>&1 \
-      | grep -v Warning | tail -12
+      --variants dense-buffered,quest-shared-int8 --profile-graph 3 --out "$OUT" 2>&1 | grep -v Warning \
+      | tee "$OUT/profile-graph-b1-128k.log" | tail -80
+    ;;
+  quest-tpot)
+    # Real generation (generate_graphed) only: its fixed-capacity cache is allocated once; 3 rows of 128K fit an
+    # 80 GB H100 beside the weights (BATCH=4 needs an H200: call with needs_h200).
+    python3 -m benchmarks.quest --lengths "" --model-layers 32 --model-length 128k --model-batch "${BATCH:-3}" \
+      --new-tokens 16 --variants dense-buffered,quest,quest-shared-int8 --only-generate-graphed --prefill-chunk 8192 \
+      --out "$OUT" 2>&1 | grep -v Warning | tee "$OUT/generate-graphed-b${BATCH:-3}-128k.log" | tail -12
     ;;
   quest-smol)
     python3 -m benchmarks.quality --model "$SMOL" --dtype bfloat16 \
