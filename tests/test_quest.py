@@ -311,6 +311,39 @@ def test_oracle_selecting_every_page_equals_dense_attention(share):
     torch.testing.assert_close(out, want, rtol=1e-5, atol=1e-6)
 
 
+def test_scores_stop_before_the_longest_rows_last_page(monkeypatch):
+    """The longest row's last page is attended anyway and never scored, so Quest scores only the pages before it:
+    at 16 pages + 1 token per row the page scores (and the top-page search's rows) are 16 wide, not 17, and the
+    chosen pages still equal the top pages of every scoreable page."""
+    import attnkit.sparsify.quest as quest_module
+
+    widths = []
+    real_scores = quest_module.page_scores
+
+    def recording(query, page_min, *args, **kwargs):
+        widths.append(page_min.shape[2])
+        return real_scores(query, page_min, *args, **kwargs)
+
+    monkeypatch.setattr(quest_module, "page_scores", recording)
+    monkeypatch.setenv("ATTNKIT_KERNELS", "reference")
+    g = torch.Generator().manual_seed(3)
+    b, hq, hkv, d, page, pads = 2, 4, 2, 16, 4, [0, 3]
+    method = Quest(page_size=page, token_budget=16, dense_layers=[])
+    decode, cache = QuestDecode(method, 0, dense=False), method.make_cache_layer(0)
+    k, v = torch.randn(b, hkv, 64, d, generator=g), torch.randn(b, hkv, 64, d, generator=g)
+    mask = torch.arange(64)[None, :] >= torch.tensor(pads)[:, None]
+    key, value = cache.update(k, v)
+    decode.attend(torch.randn(b, hq, 64, d, generator=g), key, value, mask, None)
+    key, value = cache.update(torch.randn(b, hkv, 1, d, generator=g), torch.randn(b, hkv, 1, d, generator=g))
+    q1 = torch.randn(b, hq, 1, d, generator=g)
+    decode.attend(q1, key, value, torch.cat([mask, torch.ones(b, 1, dtype=torch.bool)], 1), None)
+    assert cache.num_pages() == 17 and widths == [16]
+    lo, hi = brute_bounds(key, pads, page)
+    valid = (key.shape[2] - torch.tensor(pads) + page - 1) // page - 1
+    want = score_ref.page_scores(q1[:, :, 0], lo, hi, valid).topk(method.page_budget - 1, dim=-1).indices
+    assert torch.equal(decode.last_pages.long().sort(-1).values, want.sort(-1).values)
+
+
 def test_sink_pages_are_always_chosen_and_never_twice():
     """sink_pages: 1 puts each row's first page in every head's selection once it is complete; a padded row whose
     first page is still its current page does not get it twice."""
