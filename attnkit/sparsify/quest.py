@@ -199,9 +199,9 @@ class QuestDecode(DecodeLayer):
                 return None
             cache = self._bounds_without_cache(key, value)
         method = self.method
-        # A decode step that scores pages leaves its own token's bounds update to the scoring launch (fold=).
-        scores = query.shape[-2] == 1 and cache.pad is not None and cache.num_pages() > method.page_budget
-        fold = cache.update_bounds(key_padding_mask, defer_one_token=scores and method.scoring == "bound")
+        # A decode step that scores pages leaves its own token's bounds update to _choose_pages (the score launch).
+        sparse = query.shape[-2] == 1 and cache.pad is not None and cache.num_pages() > method.page_budget
+        fold = cache.update_bounds(key_padding_mask, defer_one_token=sparse)
         if query.shape[-2] > 1:
             return None  # prefill: the recipe's prefill method, or dense
         if cache.num_pages() <= method.page_budget:

@@ -306,17 +306,16 @@ def _launch_scores(
     grid = (b * hkv, triton.cdiv(pages, pages_per_program))
     int8 = page_scale is not None
     valid = valid_pages if fold is not None else valid_pages.to(device=query.device, dtype=torch.int32)
+    on_device = fold is not None and isinstance(fold.length, torch.Tensor)
     if fold is None:  # the fold's arguments still need pointers of the right kind: unused ones
-        f_pointers, f_strides, f_int8, length, length_ptr = (out,) * 8, (0,) * 11, False, 0, out
+        f_pointers, f_strides, f_constexprs, length = (out,) * 8, (0,) * 11, {"PAGE": 1, "INT8": False}, 0
     else:
-        if d != fold.keys.shape[-1] or triton.next_power_of_2(d) != d:
+        if d != fold.keys.shape[-1]:
             raise ValueError(f"fold: keys of head_dim {fold.keys.shape[-1]} for a query of head_dim {d}")
         f_pointers, f_strides, f_constexprs = fold_args(
             fold.keys, fold.page_min, fold.page_max, fold.last_page, fold.pad, fold.page_size, fold.int8_bounds
         )
-        f_int8 = f_constexprs["INT8"]
-        on_device = isinstance(fold.length, torch.Tensor)
-        length, length_ptr = (0, fold.length) if on_device else (fold.length, out)
+        length = 0 if on_device else fold.length
     _page_scores_kernel[grid](
         query, page_min, page_max, valid, out,
         page_scale if int8 else out,
@@ -325,11 +324,10 @@ def _launch_scores(
         out.stride(0), out.stride(1),
         *(page_scale.stride()[:2] if int8 else (0, 0)),
         hkv, pages, pages_per_program, (1.0 + slack) / 2, (1.0 - slack) / 2,
-        *f_pointers, length_ptr, *f_strides, length,
+        *f_pointers, fold.length if on_device else out, *f_strides, length,
         GROUP=group, BLOCK_G=max(16, triton.next_power_of_2(group)), BLOCK_P=block_p, D=d,
         SHARE=share, IEEE=INTERPRET or query.dtype == torch.float32, STAGES=stages, INT8=int8, MIX=slack != 1.0,
-        FOLD=fold is not None, PAGE=fold.page_size if fold is not None else 1, FOLD_INT8=f_int8,
-        LENGTH_FROM_PTR=fold is not None and isinstance(fold.length, torch.Tensor),
+        FOLD=fold is not None, PAGE=f_constexprs["PAGE"], FOLD_INT8=f_constexprs["INT8"], LENGTH_FROM_PTR=on_device,
         num_warps=warps,
     )
 
